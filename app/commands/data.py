@@ -1,0 +1,5 @@
+"""`wyckoff-lab data` subcommand (being written)."""
+
+
+def register(subparsers) -> None:
+    pass

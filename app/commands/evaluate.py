@@ -1,0 +1,5 @@
+"""`wyckoff-lab evaluate` subcommand (being written)."""
+
+
+def register(subparsers) -> None:
+    pass

@@ -1,0 +1,5 @@
+"""`wyckoff-lab hull` subcommand (being written)."""
+
+
+def register(subparsers) -> None:
+    pass

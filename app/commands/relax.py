@@ -1,0 +1,5 @@
+"""`wyckoff-lab relax` subcommand (being written)."""
+
+
+def register(subparsers) -> None:
+    pass

@@ -1,0 +1,5 @@
+"""`wyckoff-lab represent` subcommand (being written)."""
+
+
+def register(subparsers) -> None:
+    pass

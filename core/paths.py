@@ -1,0 +1,96 @@
+"""Where Wyckoff Lab finds its data (WYCKOFF_LAB_DATA or a user cache) and keeps its caches."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from platformdirs import user_cache_dir
+
+DATA_ENV = "WYCKOFF_LAB_DATA"
+CACHE_ENV = "WYCKOFF_LAB_CACHE"
+
+# The public CDVAE copies of MP-20, Perov-5 and MPTS-52 (CSV with CIFs), fetched on first use for real users.
+PUBLIC_DATASET_URLS: dict[str, str] = {
+    "mp_20": "https://raw.githubusercontent.com/txie-93/cdvae/main/data/mp_20/{split}.csv",
+    "perov_5": "https://raw.githubusercontent.com/txie-93/cdvae/main/data/perov_5/{split}.csv",
+    "mpts_52": "https://raw.githubusercontent.com/jiaor17/DiffCSP/main/data/mpts_52/{split}.csv",
+}
+DOWNLOAD_TIMEOUT_S = 20
+
+
+class DataUnavailableError(FileNotFoundError):
+    """A dataset is neither in the data folder nor downloadable (offline, or not public)."""
+
+
+def cache_dir() -> Path:
+    """Folder for derived caches (parsed datasets, relaxations, hull energies)."""
+    path = Path(os.environ.get(CACHE_ENV) or user_cache_dir("wyckoff-lab"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir() -> Path:
+    """The data folder: WYCKOFF_LAB_DATA if set, else `<cache>/data` (filled by `fetch_split`)."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    path = cache_dir() / "data"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def find_split_file(dataset: str, split: str) -> Path | None:
+    """The CSV of one split if it is present locally (`.csv.gz` preferred), else None."""
+    folder = data_dir() / dataset
+    for name in (f"{split}.csv.gz", f"{split}.csv"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def fetch_split(dataset: str, split: str) -> Path:
+    """Return the local CSV of a split, downloading the public copy into the data folder on first use.
+
+    Raises DataUnavailableError with a readable message when the file is absent and cannot be fetched.
+    """
+    local = find_split_file(dataset, split)
+    if local is not None:
+        return local
+    url_template = PUBLIC_DATASET_URLS.get(dataset)
+    if url_template is None:
+        raise DataUnavailableError(
+            f"dataset {dataset!r} split {split!r} is not in {data_dir() / dataset} and has no public download; "
+            f"set {DATA_ENV} to a folder that holds it"
+        )
+    url = url_template.format(split=split)
+    target = data_dir() / dataset / f"{split}.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".csv.part")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        raise DataUnavailableError(
+            f"could not download {dataset}/{split} from {url} ({exc}); you seem to be offline. "
+            f"Set {DATA_ENV} to a folder with {dataset}/{split}.csv[.gz]"
+        ) from None
+    partial.rename(target)
+    return target
+
+
+def file_digest(path: Path, n_bytes: int = 1 << 16) -> str:
+    """A cheap content key for a source file: size plus SHA-256 of its head and tail."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(n_bytes))
+        if size > n_bytes:
+            f.seek(max(size - n_bytes, 0))
+            h.update(f.read(n_bytes))
+    return h.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Reusable Dash components of Wyckoff Lab, each usable alone in Jupyter."""

@@ -1,0 +1,191 @@
+"""Wyckoff templates: can a space group's positions hold a composition, given some user-pinned orbits — and why not."""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pymatgen.core import Composition, Element
+
+from wyckoff_lab.core.symmetry import SpaceGroupInfo, WyckoffPosition, spacegroup
+
+
+@dataclass
+class TemplateCheck:
+    """Outcome of a template check: feasible or not, the reasons, and one completion when feasible."""
+
+    feasible: bool
+    reasons: list[str] = field(default_factory=list)
+    formula_units: int | None = None  # multiple of the given composition that fits
+    assignment: dict[str, list[str]] | None = None  # element -> Wyckoff labels, template included
+
+    def __bool__(self) -> bool:
+        return self.feasible
+
+    def as_dict(self) -> dict:
+        return {"feasible": self.feasible, "reasons": self.reasons, "formula_units": self.formula_units,
+                "assignment": self.assignment}
+
+
+def check_template(composition, spacegroup_number: int, template=(), max_atoms: int | None = None) -> TemplateCheck:
+    """Say whether Wyckoff multiplicities of a space group can add up to a composition.
+
+    composition: formula string, dict or Composition. With `max_atoms=None` it is the exact cell content;
+        otherwise every multiple z * composition with at most `max_atoms` atoms (conventional cell) is tried.
+    template: (element, Wyckoff label) pairs the user pinned, e.g. [("Ca", "4a")].
+    Positions without free parameters hold one orbit at most; positions with free parameters may repeat.
+    """
+    reasons: list[str] = []
+    try:
+        group = spacegroup(spacegroup_number)
+    except ValueError as exc:
+        return TemplateCheck(False, [str(exc)])
+    comp = _parse_composition(composition, reasons)
+    pinned = _parse_template(template, group, comp, reasons)
+    if reasons:
+        return TemplateCheck(False, reasons)
+
+    fixed_used = Counter(wp.letter for _, wp in pinned if wp.dof == 0)
+    for letter, count in fixed_used.items():
+        if count > 1:
+            reasons.append(f"{group.wyckoff(letter).label} has no free parameters, so it holds one orbit, "
+                           f"but the template uses it {count} times")
+    if reasons:
+        return TemplateCheck(False, reasons)
+
+    pinned_counts = Counter()
+    for element, wp in pinned:
+        pinned_counts[element] += wp.multiplicity
+    natoms = int(comp.num_atoms)
+    z_values = [1] if max_atoms is None else range(1, max_atoms // natoms + 1)
+    if not z_values:
+        return TemplateCheck(False, [f"{comp.formula} has {natoms} atoms, more than max_atoms={max_atoms}"])
+
+    fixed_free = [wp for wp in group.wyckoff_positions if wp.dof == 0 and wp.letter not in fixed_used]
+    repeatable = _repeatable_positions(group)
+    failures = []
+    for z in z_values:
+        remaining = {el.symbol: int(round(z * amt)) - pinned_counts[el.symbol] for el, amt in comp.items()}
+        too_many = [f"{el} ({pinned_counts[el]} pinned > {z * int(comp[el])} wanted)" for el, r in remaining.items()
+                    if r < 0]
+        if too_many:
+            failures.append(f"z={z}: the template places too many atoms of " + ", ".join(too_many))
+            continue
+        solution = _assign(tuple(sorted(remaining.items())), tuple(fixed_free), tuple(repeatable))
+        if solution is not None:
+            assignment = {el: [] for el in remaining}
+            for element, wp in pinned:
+                assignment[element].append(wp.label)
+            for element, labels in solution:
+                assignment[element] += list(labels)
+            return TemplateCheck(True, [], z, assignment)
+        failures.append(f"z={z}: " + _explain(remaining, fixed_free, repeatable, group))
+    return TemplateCheck(False, failures)
+
+
+def _parse_composition(composition, reasons: list[str]) -> Composition:
+    if isinstance(composition, Composition):
+        comp = composition
+    else:
+        try:
+            comp = Composition(composition)
+        except (ValueError, KeyError) as exc:
+            reasons.append(f"cannot read composition {composition!r}: {exc}")
+            return Composition()
+    for el, amount in comp.items():
+        if not isinstance(el, Element):
+            reasons.append(f"unknown element {getattr(el, 'symbol', str(el))!r}")
+        elif abs(amount - round(amount)) > 1e-8 or amount <= 0:
+            reasons.append(f"{el} amount {amount} is not a positive integer")
+    if not comp and not reasons:
+        reasons.append("the composition is empty")
+    return comp
+
+
+def _parse_template(template, group: SpaceGroupInfo, comp: Composition, reasons: list[str]):
+    pinned = []
+    elements = {el.symbol for el in comp}
+    for element, label in template:
+        if not Element.is_valid_symbol(element):
+            reasons.append(f"unknown element {element!r} in the template")
+            continue
+        try:
+            wp = group.wyckoff(label)
+        except KeyError as exc:
+            reasons.append(exc.args[0])
+            continue
+        if comp and element not in elements:
+            reasons.append(f"the template puts {element} on {wp.label} but {element} is not in {comp.formula}")
+            continue
+        pinned.append((element, wp))
+    return pinned
+
+
+@functools.lru_cache(maxsize=4096)
+def _assign(remaining: tuple[tuple[str, int], ...], fixed: tuple[WyckoffPosition, ...],
+            repeatable: tuple[WyckoffPosition, ...]):
+    """One way to give every element its atom count: a subset of unused 0-DOF positions plus repeatable ones.
+
+    Depth-first over elements; the 0-DOF positions are shared, so each subset taken by one element is removed
+    for the next. Returns ((element, labels), ...) or None.
+    """
+    if not remaining:
+        return ()
+    (element, count), rest = remaining[0], remaining[1:]
+    for subset in _fixed_subsets(fixed, count):
+        left = count - sum(wp.multiplicity for wp in subset)
+        repeated = _coin_change(left, repeatable)
+        if repeated is None:
+            continue
+        unused = tuple(wp for wp in fixed if wp not in subset)
+        tail = _assign(rest, unused, repeatable)
+        if tail is not None:
+            labels = tuple(wp.label for wp in subset) + repeated
+            return ((element, labels),) + tail
+    return None
+
+
+def _fixed_subsets(fixed: tuple[WyckoffPosition, ...], budget: int):
+    """Subsets of 0-DOF positions whose multiplicities sum to at most `budget`, smallest first."""
+    def extend(start, chosen, total):
+        yield chosen
+        for i in range(start, len(fixed)):
+            if total + fixed[i].multiplicity <= budget:
+                yield from extend(i + 1, chosen + (fixed[i],), total + fixed[i].multiplicity)
+    return sorted(extend(0, (), 0), key=len)
+
+
+def _repeatable_positions(group: SpaceGroupInfo) -> tuple[WyckoffPosition, ...]:
+    """One position with free parameters per multiplicity (the fewest degrees of freedom): these may repeat."""
+    chosen: dict[int, WyckoffPosition] = {}
+    for wp in group.wyckoff_positions:
+        if wp.dof > 0 and (wp.multiplicity not in chosen or wp.dof < chosen[wp.multiplicity].dof):
+            chosen[wp.multiplicity] = wp
+    return tuple(sorted(chosen.values(), key=lambda wp: wp.multiplicity))
+
+
+def _coin_change(count: int, repeatable: tuple[WyckoffPosition, ...]) -> tuple[str, ...] | None:
+    """Write `count` as a sum of repeatable multiplicities with the fewest orbits; their labels, or None."""
+    best: list[tuple[str, ...] | None] = [()] + [None] * count
+    for total in range(1, count + 1):
+        for wp in repeatable:
+            m = wp.multiplicity
+            if m <= total and best[total - m] is not None:
+                candidate = best[total - m] + (wp.label,)
+                if best[total] is None or len(candidate) < len(best[total]):
+                    best[total] = candidate
+    return best[count]
+
+
+def _explain(remaining: dict[str, int], fixed, repeatable, group: SpaceGroupInfo) -> str:
+    """Name the element(s) whose count cannot be reached even alone, or say the 0-DOF positions are contended."""
+    fixed_labels = ", ".join(wp.label for wp in fixed) or "none left"
+    alone = [f"{el}: {n} atoms" for el, n in remaining.items()
+             if n > 0 and _assign(((el, n),), tuple(fixed), tuple(repeatable)) is None]
+    if alone:
+        return (f"in space group {group.number} ({group.symbol}) no sum of multiplicities gives " + "; ".join(alone)
+                + f" (0-DOF positions usable once: {fixed_labels}; repeatable multiplicities: "
+                + ", ".join(str(wp.multiplicity) for wp in repeatable) + ")")
+    return (f"each element fits alone, but together they need the same 0-DOF positions ({fixed_labels}) "
+            f"in space group {group.number} ({group.symbol})")

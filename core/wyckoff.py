@@ -226,3 +226,45 @@ class WyckoffCrystal:
         orbits = ", ".join(f"{o.element}@{o.label}" + (f"({', '.join(f'{p:.3f}' for p in o.free_params)})"
                                                         if o.free_params else "") for o in self.orbits)
         return f"{self.composition.formula} SG {self.spacegroup} ({self.group.symbol}) {orbits}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Invertibility check
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def roundtrip_failure(structure: Structure, symprec: float = DEFAULT_SYMPREC, matcher=None) -> str | None:
+    """None when Structure -> WyckoffCrystal -> Structure matches the original, else the failure reason.
+
+    Reasons: 'disorder', 'symmetry_detection', 'setting' (from `from_structure`) or 'symmetrization_mismatch'
+    (the crystal symmetrised at `symprec` no longer matches the input under StructureMatcher's default tolerances).
+    """
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    try:
+        rebuilt = WyckoffCrystal.from_structure(structure, symprec=symprec).as_structure(primitive=True)
+    except WyckoffError as exc:
+        return exc.reason
+    return None if (matcher or StructureMatcher()).fit(structure, rebuilt) else "symmetrization_mismatch"
+
+
+def _roundtrip_worker(args) -> str | None:
+    structure, symprec = args
+    return roundtrip_failure(structure, symprec)
+
+
+def roundtrip_failures(structures, symprec: float = DEFAULT_SYMPREC, processes: int | None = None,
+                       progress: bool = False) -> list[str | None]:
+    """`roundtrip_failure` for many structures, in parallel worker processes, with an optional progress bar."""
+    import multiprocessing
+    import os
+
+    from tqdm import tqdm
+
+    processes = processes or min(len(structures), os.cpu_count() or 1) or 1
+    jobs = [(s, symprec) for s in structures]
+    bar = dict(total=len(jobs), disable=not progress, desc="round trip", unit="structure")
+    if processes <= 1:
+        return [_roundtrip_worker(job) for job in tqdm(jobs, **bar)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        return list(tqdm(pool.imap(_roundtrip_worker, jobs, chunksize=16), **bar))

@@ -1,0 +1,89 @@
+"""Reading, writing and fingerprinting structures: CIF/POSCAR/extxyz/JSON in, clear errors for bad files out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+from pymatgen.core import Structure
+
+STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar", ".extxyz", ".xyz", ".json")
+
+
+class StructureInputError(ValueError):
+    """A structure file that cannot be used: unreadable, empty, disordered or non-finite."""
+
+
+def check_structure(structure: Structure, source: str = "structure") -> Structure:
+    """Reject what the rest of Wyckoff Lab cannot handle, with a message that says what is wrong."""
+    if len(structure) == 0:
+        raise StructureInputError(f"{source} has no atoms")
+    if not structure.is_ordered:
+        n = sum(1 for site in structure if not site.is_ordered)
+        raise StructureInputError(f"{source} is disordered ({n} site(s) with partial occupancy); Wyckoff Lab "
+                                  "works with ordered structures — order it first (e.g. pymatgen "
+                                  "OrderDisorderedStructureTransformation)")
+    if not np.all(np.isfinite(structure.lattice.matrix)) or not np.all(np.isfinite(structure.frac_coords)):
+        raise StructureInputError(f"{source} has non-finite lattice or coordinates")
+    if not math.isfinite(structure.volume) or structure.volume <= 0:
+        raise StructureInputError(f"{source} has a degenerate cell (volume {structure.volume})")
+    return structure
+
+
+def read_structure(path) -> Structure:
+    """One ordered structure from a file (format from the suffix; pymatgen's readers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # CIF readers warn about rounding and missing tags
+            if path.suffix.lower() in (".extxyz", ".xyz"):
+                from ase.io import read
+                from pymatgen.io.ase import AseAtomsAdaptor
+
+                structure = AseAtomsAdaptor.get_structure(read(path))
+            elif path.suffix.lower() == ".json":
+                structure = Structure.from_dict(json.loads(path.read_text()))
+            else:
+                structure = Structure.from_file(path)
+    except Exception as exc:  # pymatgen raises many types for malformed files
+        raise StructureInputError(f"cannot read a structure from {path.name}: {exc}") from None
+    return check_structure(structure, path.name)
+
+
+def read_structures(path) -> list[tuple[str, Structure]]:
+    """(name, structure) pairs from a file or every structure file in a folder (sorted by name).
+
+    An extxyz file may hold several frames; each becomes '<file>#<i>'.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in STRUCTURE_SUFFIXES)
+        if not files:
+            raise StructureInputError(f"{path} holds no structure files ({', '.join(STRUCTURE_SUFFIXES)})")
+        return [pair for f in files for pair in read_structures(f)]
+    if path.suffix.lower() in (".extxyz", ".xyz") and path.is_file():
+        from ase.io import read
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        try:
+            frames = read(path, index=":")
+        except Exception as exc:
+            raise StructureInputError(f"cannot read {path.name}: {exc}") from None
+        return [(f"{path.name}#{i}", check_structure(AseAtomsAdaptor.get_structure(a), f"{path.name}#{i}"))
+                for i, a in enumerate(frames)]
+    return [(path.name, read_structure(path))]
+
+
+def structure_hash(structure: Structure, decimals: int = 6) -> str:
+    """A content hash of a structure (lattice, species, wrapped fractional coordinates, rounded): a cache key."""
+    lattice = np.round(structure.lattice.matrix, decimals)
+    coords = np.round(np.mod(structure.frac_coords, 1.0), decimals) % 1.0
+    payload = json.dumps({"lattice": lattice.tolist(), "species": [str(s.specie) for s in structure],
+                          "coords": coords.tolist()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,0 +1,36 @@
+"""Shared fixtures: real MP-20 rows from WYCKOFF_LAB_DATA (tests skip with a clear reason when it is absent)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+
+def data_root() -> Path | None:
+    env = os.environ.get("WYCKOFF_LAB_DATA")
+    return Path(env) if env and Path(env).is_dir() else None
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep test caches out of the user's cache folder (one folder for the whole session, so tests share it)."""
+    monkeypatch.setenv("WYCKOFF_LAB_CACHE", str(tmp_path_factory.getbasetemp() / "wyckoff-lab-cache"))
+
+
+@pytest.fixture(scope="session")
+def mp20_test_rows():
+    """The first 200 rows of MP-20 test as (material_id, Structure, spacegroup.number) — real data."""
+    root = data_root()
+    if root is None or not (root / "mp_20" / "test.csv.gz").is_file():
+        pytest.skip("WYCKOFF_LAB_DATA is not set or has no mp_20/test.csv.gz (the README says how to get it)")
+    import pandas as pd
+    from pymatgen.core import Structure
+
+    frame = pd.read_csv(root / "mp_20" / "test.csv.gz", nrows=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [(row.material_id, Structure.from_str(row.cif, fmt="cif"), int(row["spacegroup.number"]))
+                for _, row in frame.iterrows()]

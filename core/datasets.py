@@ -1,0 +1,567 @@
+"""Load MP-20, MPTS-52, Perov-5 and the 36k MP set as parsed, cached crystals with one common property frame."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+import warnings
+import zipfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+from pymatgen.core import Composition, Lattice, Structure
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+from tqdm import tqdm
+
+from wyckoff_lab.core.paths import DataUnavailableError, cache_dir, fetch_split, file_digest, find_split_file
+
+log = logging.getLogger(__name__)
+
+# Bump when the parsed content or the cache layout changes: older cache files are then rebuilt.
+CACHE_VERSION = 1
+# Tolerance (Å) for space groups the CSV lacks; MP-20's own rebuilt rows were labelled with the same value.
+SPACEGROUP_SYMPREC = 0.1
+# A worker process is only worth starting for at least this many CIFs or hull patches.
+_MIN_JOBS_PER_WORKER = 100
+
+# The frame columns every dataset has, in this order; dataset-specific extras follow them.
+FRAME_COLUMNS = (
+    "material_id",
+    "split",
+    "formula",
+    "chemsys",
+    "num_atoms",
+    "formation_energy_per_atom",
+    "band_gap",
+    "e_above_hull",
+    "e_above_hull_source",
+    "spacegroup",
+)
+# Source-provided columns (eV/atom, eV, eV/atom, space-group number) that are NaN where a dataset lacks them.
+_SOURCE_PROPERTIES = ("formation_energy_per_atom", "band_gap", "e_above_hull_source", "spacegroup")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where one dataset's CSV files live and how their columns map onto the common frame.
+
+    `columns` maps a frame column to the CSV columns that may hold it (the first one present wins), because the
+    splits of one dataset do not always name a column alike (MP-20: `structure_source` vs `cif_source`).
+    """
+
+    name: str
+    folder: str
+    splits: tuple[str, ...]
+    # Splits used only when present locally: their public copies are too large for the snapshots we have.
+    optional_splits: tuple[str, ...] = ()
+    columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Split name -> CSV file stem, where they differ.
+    file_stems: Mapping[str, str] = field(default_factory=dict)
+    # Replace the source e_above_hull by one computed from the dataset's own formation energies.
+    recompute_hull: bool = False
+
+    def available_splits(self) -> tuple[str, ...]:
+        """The required splits plus the optional ones present in the data folder."""
+        present = tuple(s for s in self.optional_splits if find_split_file(self.folder, self._stem(s)) is not None)
+        return self.splits + present
+
+    def source_file(self, split: str) -> Path:
+        """The local CSV of a split, downloaded on first use where a public copy exists."""
+        return fetch_split(self.folder, self._stem(split))
+
+    def _stem(self, split: str) -> str:
+        return self.file_stems.get(split, split)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mp_20": DatasetSpec(
+        name="mp_20",
+        folder="mp_20",
+        splits=("train", "val", "test"),
+        columns={
+            "material_id": ("material_id",),
+            "formation_energy_per_atom": ("formation_energy_per_atom",),
+            "band_gap": ("band_gap",),
+            "e_above_hull_source": ("e_above_hull",),
+            "spacegroup": ("spacegroup.number",),
+            "structure_source": ("structure_source", "cif_source"),
+        },
+        recompute_hull=True,
+    ),
+    "mpts_52": DatasetSpec(
+        name="mpts_52",
+        folder="mpts_52",
+        splits=("val", "test"),
+        optional_splits=("train",),
+        columns={
+            "material_id": ("material_id",),
+            "formation_energy_per_atom": ("formation_energy_per_atom",),
+            "e_above_hull_source": ("energy_above_hull",),
+            "theoretical": ("theoretical",),
+            "year": ("year",),
+        },
+    ),
+    # Perov-5's heats of formation and GLLB-SC gaps are not on MP's scale: kept under their own names only.
+    "perov_5": DatasetSpec(
+        name="perov_5",
+        folder="perov_5",
+        splits=("val", "test"),
+        optional_splits=("train",),
+        columns={
+            "material_id": ("material_id",),
+            "heat_all": ("heat_all",),
+            "heat_ref": ("heat_ref",),
+            "dir_gap": ("dir_gap",),
+            "ind_gap": ("ind_gap",),
+        },
+    ),
+    "mp_36k": DatasetSpec(
+        name="mp_36k",
+        folder="mp_crysxpp_36k",
+        splits=("all",),
+        file_stems={"all": "structures"},
+        columns={
+            "material_id": ("material_id",),
+            "formation_energy_per_atom": ("formation_energy_per_atom",),
+            "crysxpp_id": ("crysxpp_id",),
+        },
+    ),
+}
+
+
+class CrystalDataset:
+    """Parsed crystals of one dataset split: a property frame plus packed structure arrays.
+
+    Structures are stored as arrays (lattice matrices in Å, fractional coordinates, atomic numbers, and per-row
+    offsets into the atom arrays) because that is what caches and loads in seconds; pymatgen Structures are
+    built only on demand. Row i of `frame` is structure i.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        frame: pd.DataFrame,
+        lattices: np.ndarray,
+        frac_coords: np.ndarray,
+        atomic_numbers: np.ndarray,
+        offsets: np.ndarray,
+        failures: Mapping[str, int],
+    ) -> None:
+        n_rows, n_atoms = len(frame), len(atomic_numbers)
+        if (
+            lattices.shape != (n_rows, 3, 3)
+            or frac_coords.shape != (n_atoms, 3)
+            or offsets.shape != (n_rows + 1,)
+            or offsets[0] != 0
+            or offsets[-1] != n_atoms
+            or np.any(np.diff(offsets) <= 0)
+        ):
+            raise ValueError(f"inconsistent structure arrays for {name}/{split}")
+        self.name = name
+        self.split = split
+        self.frame = frame.reset_index(drop=True)
+        self.lattices = lattices
+        self.frac_coords = frac_coords
+        self.atomic_numbers = atomic_numbers
+        self.offsets = offsets
+        self.failures = dict(failures)
+        self._structures: list[Structure] | None = None
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __repr__(self) -> str:
+        return f"CrystalDataset({self.name!r}, {self.split!r}, {len(self)} structures, failures={self.failures})"
+
+    @property
+    def structures(self) -> list[Structure]:
+        """Every structure as a pymatgen Structure (built on first access, then kept)."""
+        if self._structures is None:
+            self._structures = [self._build(i) for i in range(len(self))]
+        return self._structures
+
+    def structure(self, i: int) -> Structure:
+        """Structure of row i, without building the others."""
+        i = range(len(self))[i]
+        return self._structures[i] if self._structures is not None else self._build(i)
+
+    def indices_in_chemsys(self, elements: Iterable[str]) -> np.ndarray:
+        """Rows whose elements all lie in `elements` (its subsystems included), e.g. to build a local hull."""
+        allowed = set(elements)
+        chemsys = self.frame["chemsys"]
+        inside = {system: set(system.split("-")) <= allowed for system in chemsys.unique()}
+        return np.flatnonzero(chemsys.map(inside).to_numpy(bool))
+
+    @classmethod
+    def concatenate(cls, name: str, split: str, parts: Sequence[CrystalDataset]) -> CrystalDataset:
+        """One dataset holding the rows of `parts` in order, their failures summed."""
+        atom_starts = np.cumsum([0] + [len(p.atomic_numbers) for p in parts[:-1]])
+        return cls(
+            name,
+            split,
+            pd.concat([p.frame for p in parts], ignore_index=True),
+            np.concatenate([p.lattices for p in parts]),
+            np.concatenate([p.frac_coords for p in parts]),
+            np.concatenate([p.atomic_numbers for p in parts]),
+            np.concatenate([[0]] + [p.offsets[1:] + start for p, start in zip(parts, atom_starts)]),
+            sum((Counter(p.failures) for p in parts), Counter()),
+        )
+
+    def _build(self, i: int) -> Structure:
+        start, stop = self.offsets[i], self.offsets[i + 1]
+        return Structure(
+            Lattice(self.lattices[i]), self.atomic_numbers[start:stop].tolist(), self.frac_coords[start:stop]
+        )
+
+
+def load_dataset(
+    name: str, split: str = "all", *, progress: bool = False, workers: int | None = None
+) -> CrystalDataset:
+    """One split of a dataset (or "all" splits present, concatenated), parsed once and then read from the cache.
+
+    Missing required splits are downloaded where a public copy exists (DataUnavailableError otherwise).
+    For MP-20, `e_above_hull` is replaced by `mp20_e_above_hull()`, a hull of MP-20's own formation energies.
+    """
+    spec = DATASETS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if split in spec.splits + spec.optional_splits:
+        dataset = _load_split(spec, split, progress=progress, workers=workers)
+    elif split == "all":
+        parts = [_load_split(spec, s, progress=progress, workers=workers) for s in spec.available_splits()]
+        dataset = CrystalDataset.concatenate(name, split, parts)
+    else:
+        choices = dict.fromkeys(spec.splits + spec.optional_splits + ("all",))
+        raise ValueError(f"{name} has no split {split!r}; choose from {', '.join(choices)}")
+    if spec.recompute_hull:
+        hull = mp20_e_above_hull(progress=progress, workers=workers)
+        dataset.frame["e_above_hull"] = dataset.frame["material_id"].map(hull)
+    return dataset
+
+
+def _load_split(spec: DatasetSpec, split: str, *, progress: bool, workers: int | None) -> CrystalDataset:
+    source = spec.source_file(split)
+    path = cache_dir() / "datasets" / f"{spec.name}_{split}_{file_digest(source)}.npz"
+    if path.exists():
+        cached = _read_cache(path, spec.name, split)
+        if cached is not None:
+            return cached
+        log.warning("cache file %s is unreadable or stale; rebuilding it", path)
+    dataset = _parse_split(spec, split, source, progress=progress, workers=workers)
+    _write_cache(path, dataset)
+    return dataset
+
+
+def _parse_split(
+    spec: DatasetSpec, split: str, source: Path, *, progress: bool, workers: int | None
+) -> CrystalDataset:
+    table = pd.read_csv(source)
+    frame = _source_properties(spec, table)
+    jobs = list(zip(table["cif"], frame["spacegroup"].isna()))
+    results = _parallel_map(
+        _parse_cif, jobs, workers=workers, progress=progress, desc=f"{spec.name}/{split}", unit="cif", chunksize=64
+    )
+    failures = Counter(reason for reason, _ in results if reason is not None)
+    kept = [i for i, (reason, _) in enumerate(results) if reason is None]
+    parsed: list[_ParsedCif] = [results[i][1] for i in kept]
+
+    frame = frame.iloc[kept].reset_index(drop=True)
+    frame["split"] = split
+    frame["formula"] = [p.formula for p in parsed]
+    frame["chemsys"] = [p.chemsys for p in parsed]
+    frame["num_atoms"] = np.array([len(p.atomic_numbers) for p in parsed], dtype=np.int64)
+    frame["spacegroup"] = frame["spacegroup"].fillna(pd.Series([p.spacegroup for p in parsed])).astype("Int64")
+    frame["e_above_hull"] = frame["e_above_hull_source"]
+    extras = [c for c in frame.columns if c not in FRAME_COLUMNS]
+    frame = frame[list(FRAME_COLUMNS) + extras]
+
+    n_atoms = frame["num_atoms"].to_numpy()
+    return CrystalDataset(
+        spec.name,
+        split,
+        frame,
+        lattices=np.array([p.lattice for p in parsed], dtype=np.float64).reshape(-1, 3, 3),
+        frac_coords=np.concatenate([p.frac_coords for p in parsed]) if parsed else np.zeros((0, 3)),
+        atomic_numbers=np.concatenate([p.atomic_numbers for p in parsed]) if parsed else np.zeros(0, np.uint8),
+        offsets=np.concatenate([[0], np.cumsum(n_atoms)]).astype(np.int64),
+        failures=failures,
+    )
+
+
+def _source_properties(spec: DatasetSpec, table: pd.DataFrame) -> pd.DataFrame:
+    """The CSV's columns under their frame names; properties the dataset lacks are NaN."""
+    frame = pd.DataFrame(index=table.index)
+    for column in dict.fromkeys(("material_id", *_SOURCE_PROPERTIES, *spec.columns)):
+        present = [c for c in spec.columns.get(column, ()) if c in table.columns]
+        frame[column] = table[present[0]] if present else np.nan
+    frame["material_id"] = frame["material_id"].astype(str)
+    return frame
+
+
+class _ParsedCif(NamedTuple):
+    lattice: np.ndarray  # (3, 3) Å, rows are lattice vectors
+    frac_coords: np.ndarray  # (n, 3)
+    atomic_numbers: np.ndarray  # (n,) uint8
+    formula: str  # reduced
+    chemsys: str  # sorted element symbols joined by "-"
+    spacegroup: float  # NaN unless asked for (and found)
+
+
+def _parse_cif(job: tuple[Any, bool]) -> tuple[str | None, _ParsedCif | None]:
+    """(failure reason, None) or (None, parsed crystal) for one CSV row; runs in worker processes."""
+    cif, want_spacegroup = job
+    if not isinstance(cif, str) or not cif.strip():
+        return "missing_cif", None
+    with warnings.catch_warnings():
+        # pymatgen warns about every rounding fix in a CIF and about elements without an electronegativity.
+        warnings.simplefilter("ignore")
+        try:
+            structure = Structure.from_str(cif, fmt="cif")
+        except Exception:  # noqa: BLE001 - pymatgen raises many types on malformed CIFs; all mean "unparsable"
+            return "cif_parse", None
+        if len(structure) == 0:
+            return "cif_parse", None
+        if not structure.is_ordered:
+            return "disordered", None
+        composition = structure.composition
+        return None, _ParsedCif(
+            lattice=structure.lattice.matrix,
+            frac_coords=structure.frac_coords,
+            atomic_numbers=np.array(structure.atomic_numbers, dtype=np.uint8),
+            formula=composition.reduced_formula,
+            chemsys=composition.chemical_system,
+            spacegroup=_spacegroup_number(structure) if want_spacegroup else np.nan,
+        )
+
+
+def _spacegroup_number(structure: Structure) -> float:
+    with _quiet_spglib():
+        try:
+            return float(SpacegroupAnalyzer(structure, symprec=SPACEGROUP_SYMPREC).get_space_group_number())
+        except Exception:  # noqa: BLE001 - spglib failing on a cell means "unknown", not a broken dataset
+            return np.nan
+
+
+@contextlib.contextmanager
+def _quiet_spglib() -> Iterator[None]:
+    """Silence spglib's C-level messages ("ssm_get_exact_positions failed"), which it prints unless told not to."""
+    previous = os.environ.get("SPGLIB_WARNING")
+    os.environ["SPGLIB_WARNING"] = "OFF"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["SPGLIB_WARNING"]
+        else:
+            os.environ["SPGLIB_WARNING"] = previous
+
+
+def _write_cache(path: Path, dataset: CrystalDataset) -> None:
+    """One .npz per split (arrays + the frame as parquet bytes), written atomically so readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame_bytes = io.BytesIO()
+    dataset.frame.to_parquet(frame_bytes, index=False)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    with open(partial, "wb") as out:
+        np.savez(
+            out,
+            version=np.array(CACHE_VERSION),
+            lattices=dataset.lattices,
+            frac_coords=dataset.frac_coords,
+            atomic_numbers=dataset.atomic_numbers,
+            offsets=dataset.offsets,
+            frame=np.frombuffer(frame_bytes.getvalue(), dtype=np.uint8),
+            failures=np.array(json.dumps(dataset.failures)),
+        )
+    os.replace(partial, path)
+
+
+def _read_cache(path: Path, name: str, split: str) -> CrystalDataset | None:
+    """The cached split, or None when the file is truncated, corrupt, inconsistent or from another version."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["version"]) != CACHE_VERSION:
+                return None
+            return CrystalDataset(
+                name,
+                split,
+                pd.read_parquet(io.BytesIO(data["frame"].tobytes())),
+                lattices=data["lattices"],
+                frac_coords=data["frac_coords"],
+                atomic_numbers=data["atomic_numbers"],
+                offsets=data["offsets"],
+                failures=json.loads(str(data["failures"])),
+            )
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _parallel_map(
+    func: Callable[[Any], Any],
+    jobs: Sequence[Any],
+    *,
+    workers: int | None,
+    progress: bool,
+    desc: str,
+    unit: str,
+    chunksize: int,
+) -> list[Any]:
+    """`func` over `jobs` in worker processes (in this one when too few jobs pay for a pool), with a progress bar."""
+    n_workers = min(workers or os.cpu_count() or 1, len(jobs) // _MIN_JOBS_PER_WORKER)
+    results = []
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(jobs), desc=desc, unit=unit, disable=not progress))
+        if n_workers > 1:
+            mapped = stack.enter_context(Pool(n_workers)).imap(func, jobs, chunksize=chunksize)
+        else:
+            mapped = map(func, jobs)
+        for result in mapped:
+            results.append(result)
+            bar.update()
+    return results
+
+
+def mp20_e_above_hull(
+    table: pd.DataFrame | None = None, *, progress: bool = False, workers: int | None = None
+) -> pd.Series:
+    """Energy above hull (eV/atom) of every MP-20 row from MP-20's own formation energies, indexed by material_id.
+
+    The source `e_above_hull` came from full Materials Project hulls and is missing for most rebuilt rows; this
+    value is known for every row and consistent with the formation energies used elsewhere in the project.
+    All train rows count, also those without a structure (train_meta_nocoords.csv.gz). The result is cached,
+    keyed by the input files. `table` (material_id, formula, formation_energy_per_atom) replaces MP-20, e.g. a
+    subset for tests; it is not cached.
+    """
+    if table is not None:
+        return e_above_hull_from_formation_energies(table, progress=progress, workers=workers)
+    sources = _mp20_hull_sources()
+    key = hashlib.sha256(f"v{CACHE_VERSION}:{':'.join(file_digest(p) for p in sources)}".encode()).hexdigest()[:16]
+    path = cache_dir() / "datasets" / f"mp_20_e_above_hull_{key}.parquet"
+    if path.exists():
+        try:
+            return pd.read_parquet(path)["e_above_hull"]
+        except (OSError, ValueError, KeyError):
+            log.warning("hull cache %s is unreadable; recomputing it", path)
+    columns = ["material_id", "pretty_formula", "formation_energy_per_atom"]
+    table = pd.concat([pd.read_csv(p, usecols=columns) for p in sources], ignore_index=True)
+    hull = e_above_hull_from_formation_energies(
+        table.rename(columns={"pretty_formula": "formula"}), progress=progress, workers=workers
+    )
+    hull = hull.groupby(level=0).min()  # CDVAE's MP-20 repeats 2 ids across splits; map() needs unique ids
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    hull.to_frame().to_parquet(partial)
+    os.replace(partial, path)
+    return hull
+
+
+def _mp20_hull_sources() -> list[Path]:
+    """train_meta_nocoords (every train row, with or without a structure) if present, else train; val; test."""
+    try:
+        train = find_split_file("mp_20", "train_meta_nocoords") or fetch_split("mp_20", "train")
+        return [train, fetch_split("mp_20", "val"), fetch_split("mp_20", "test")]
+    except DataUnavailableError as exc:
+        raise DataUnavailableError(f"the MP-20 hull needs the formation energies of every split: {exc}") from None
+
+
+def e_above_hull_from_formation_energies(
+    table: pd.DataFrame, *, progress: bool = False, workers: int | None = None
+) -> pd.Series:
+    """Energy above the convex hull (eV/atom) of each row, from the rows' own formation energies alone.
+
+    `table` has material_id, formula and formation_energy_per_atom (eV/atom; NaN rows get NaN). Every element
+    gets a zero-energy reference, so the hull is a formation-energy hull and no value is below 0 (beyond
+    rounding). One phase diagram over ~90 elements is infeasible, and pymatgen's PatchedPhaseDiagram builds one
+    serially per chemical system anyway; here each maximal chemical system gets its own PhaseDiagram from the
+    rows in its subsystems, and those are spread over worker processes.
+    """
+    formulas = table["formula"].tolist()
+    energies = table["formation_energy_per_atom"].to_numpy(dtype=float)
+    compositions = [Composition(formula) for formula in formulas]
+    rows_by_chemsys: dict[frozenset[str], list[int]] = defaultdict(list)
+    # Only the lowest energy per reduced formula, and only below the elemental references, can be on the hull.
+    hull_points: dict[frozenset[str], dict[str, float]] = defaultdict(dict)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reduced_formula warns about noble gases without an electronegativity
+        for i, (composition, energy) in enumerate(zip(compositions, energies)):
+            if not np.isfinite(energy):
+                continue
+            chemsys = frozenset(el.symbol for el in composition.elements)
+            rows_by_chemsys[chemsys].append(i)
+            if energy < 0:
+                points = hull_points[chemsys]
+                formula = composition.reduced_formula
+                points[formula] = min(energy, points.get(formula, 0.0))
+
+    owners = _maximal_chemsys(rows_by_chemsys)
+    rows_by_patch: dict[frozenset[str], list[int]] = defaultdict(list)
+    for chemsys, rows in rows_by_chemsys.items():
+        rows_by_patch[owners[chemsys]].extend(rows)
+    jobs = [
+        (
+            sorted(patch),
+            [point for sub in _subsystems(patch) for point in hull_points.get(sub, {}).items()],
+            [(formulas[i], energies[i]) for i in rows],
+        )
+        for patch, rows in rows_by_patch.items()
+    ]
+    results = _parallel_map(
+        _patch_e_above_hull, jobs, workers=workers, progress=progress, desc="hull", unit="chemsys", chunksize=16
+    )
+    values = np.full(len(table), np.nan)
+    for rows, e_above_hull in zip(rows_by_patch.values(), results):
+        values[rows] = e_above_hull
+    index = pd.Index(table["material_id"].astype(str), name="material_id")
+    return pd.Series(values, index=index, name="e_above_hull")
+
+
+def _maximal_chemsys(systems: Iterable[frozenset[str]]) -> dict[frozenset[str], frozenset[str]]:
+    """Map each chemical system to a maximal one (in no other) that contains it: one phase diagram per maximum."""
+    owners: dict[frozenset[str], frozenset[str]] = {}
+    maxima_with: dict[str, set[frozenset[str]]] = defaultdict(set)
+    for system in sorted(systems, key=lambda s: (-len(s), sorted(s))):
+        containing = set.intersection(*(maxima_with[el] for el in system))
+        if containing:
+            owners[system] = min(containing, key=sorted)
+        else:
+            owners[system] = system
+            for el in system:
+                maxima_with[el].add(system)
+    return owners
+
+
+def _subsystems(system: frozenset[str]) -> Iterable[frozenset[str]]:
+    elements = sorted(system)
+    for k in range(1, len(elements) + 1):
+        for subset in itertools.combinations(elements, k):
+            yield frozenset(subset)
+
+
+def _patch_e_above_hull(job: tuple[list[str], list[tuple[str, float]], list[tuple[str, float]]]) -> np.ndarray:
+    """E above hull (eV/atom) of `targets` in one chemical system; runs in worker processes."""
+    elements, hull_entries, targets = job
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        entries = [PDEntry(Composition({el: 1}), 0.0) for el in elements]
+        entries += [_formation_entry(f, e) for f, e in hull_entries]
+        diagram = PhaseDiagram(entries)
+        hull_energy = {f: diagram.get_hull_energy_per_atom(Composition(f)) for f in {f for f, _ in targets}}
+    return np.array([e - hull_energy[f] for f, e in targets])
+
+
+def _formation_entry(formula: str, energy_per_atom: float) -> PDEntry:
+    composition = Composition(formula)
+    return PDEntry(composition, energy_per_atom * composition.num_atoms)

@@ -1,5 +1,75 @@
-"""`wyckoff-lab relax` subcommand (being written)."""
+"""`wyckoff-lab relax FILE`: relax one structure with a universal potential and report energy, steps and status."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from wyckoff_lab.app.cli import CommandError, emit
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser("relax", help="relax a structure (CIF/POSCAR) with MatterSim or CHGNet")
+    p.add_argument("file", type=Path, help="structure file (CIF, POSCAR, ...)")
+    p.add_argument("--potential", default=None, help="mattersim or chgnet (default: MatterSim if it can be had)")
+    p.add_argument("--fmax", type=float, default=0.05, help="force convergence threshold, eV/Å (default 0.05)")
+    p.add_argument("--max-steps", type=int, default=500, help="maximum FIRE steps (default 500; 0 = single point)")
+    p.add_argument("--fixed-cell", action="store_true", help="relax positions only, keep the cell")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-cache", action="store_true", help="ignore and do not write the on-disk result cache")
+    p.add_argument("--out", type=Path, default=None, help="write the relaxed structure here (CIF if *.cif)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def read_structure(path: Path):
+    """Read an ordered structure from a file, turning every failure into a one-line CommandError."""
+    from pymatgen.core import Structure
+
+    if not path.is_file():
+        raise CommandError(f"{path}: no such file")
+    try:
+        structure = Structure.from_file(path)
+    except Exception as exc:  # pymatgen raises many types for malformed files; the user needs only the reason
+        raise CommandError(f"{path}: cannot read a structure ({type(exc).__name__}: {exc})") from None
+    if not structure.is_ordered:
+        raise CommandError(f"{path}: disordered structure (partial occupancies); order it before relaxing")
+    return structure
+
+
+def run(args: argparse.Namespace) -> int:
+    from wyckoff_lab.core.relax import POTENTIALS, PotentialError, relax
+
+    if args.potential is not None and args.potential not in POTENTIALS:
+        raise CommandError(f"unknown potential {args.potential!r}; choose one of {', '.join(POTENTIALS)}")
+    structure = read_structure(args.file)
+    try:
+        (result,) = relax(
+            structure,
+            potential=args.potential,
+            fmax=args.fmax,
+            max_steps=args.max_steps,
+            relax_cell=not args.fixed_cell,
+            device=args.device,
+            cache=not args.no_cache,
+        )
+    except PotentialError as exc:
+        raise CommandError(str(exc)) from None
+    if args.out is not None:
+        result.final.to(filename=str(args.out))
+    summary = {"file": str(args.file), "num_atoms": len(structure)} | result.summary()
+    summary["out"] = str(args.out) if args.out is not None else None
+    text = "\n".join(
+        [
+            f"{summary['formula']}  ({len(structure)} atoms, {args.file})  potential {result.potential}",
+            f"status          {result.status}" + (f" ({result.message})" if result.message else ""),
+            f"energy          {result.energy_per_atom:.4f} eV/atom  ({result.energy:.4f} eV)",
+            f"steps           {result.steps}",
+            f"max force       {result.max_force:.4f} eV/Å",
+            f"RMSD to start   {result.rmsd_to_start:.4f} Å",
+            f"time            {result.wall_time_s:.2f} s" + ("  (cached)" if result.cached else ""),
+        ]
+        + ([f"wrote           {args.out}"] if args.out is not None else [])
+    )
+    emit(summary, args.json, text)
+    return 0 if result.status in ("converged", "not_converged") else 1

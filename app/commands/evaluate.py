@@ -1,5 +1,327 @@
-"""`wyckoff-lab evaluate` subcommand (being written)."""
+"""`wyckoff-lab evaluate`: every generation metric of the seed papers for a folder or file of structures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from wyckoff_lab.app.cli import CommandError, emit
+
+# Intended space group in a file name: 'sg225', 'spg_12', 'spacegroup-62' as a token (between _, -, . or ends).
+SG_IN_NAME = re.compile(r"(?:^|[_\-.])(?:sg|spg|spacegroup)[_\-]?(\d{1,3})(?=$|[_\-.#])", re.IGNORECASE)
+JSON_SUFFIXES = (".json", ".jsonl")
+MAX_LISTED_FAILURES = 20  # unreadable files are all counted, but only this many are named in the output
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser("evaluate", help="validity, symmetry, uniqueness, novelty, distributions, S.U.N.")
+    p.add_argument("--input", required=True, type=Path,
+                   help="folder of structure files (CIF, POSCAR, extxyz, JSON) or one file; .jsonl holds one "
+                        "structure per line ({'structure': ..., 'spacegroup': ..., 'e_above_hull': ...} or a bare "
+                        "pymatgen Structure dict)")
+    p.add_argument("--reference", default=None,
+                   help="dataset for novelty and distribution metrics, e.g. mp_20 (default: none)")
+    p.add_argument("--reference-split", default="train", help="split of the reference dataset (default train)")
+    p.add_argument("--relax", default=None, metavar="POTENTIAL",
+                   help="relax with this potential (chgnet or mattersim) first, then compute energies above hull")
+    intent = p.add_mutually_exclusive_group()
+    intent.add_argument("--spacegroups-from-filename", action="store_true",
+                        help="read each structure's intended space group from its file name (sg225, spg_12, ...)")
+    intent.add_argument("--intended-sg-json", type=Path, default=None,
+                        help="JSON: {file name or stem: space group} or a list in input order")
+    p.add_argument("--e-above-hull-json", type=Path, default=None,
+                   help="JSON: {file name or stem: E_hull in eV/atom} or a list in input order (enables S.U.N.)")
+    p.add_argument("--hull-dataset", default="mp_20",
+                   help="dataset whose phases (all splits) make the hull for --relax (default mp_20)")
+    p.add_argument("--device", default=None, help="torch device for --relax (default: cuda if available, else cpu)")
+    p.add_argument("--symprec", type=float, default=0.1, help="spglib tolerance in Å (default 0.1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+
+
+def _read_json_records(path: Path) -> list[tuple[str, object, dict]]:
+    """(name, Structure, extras) from a JSON / JSON-lines file; extras may hold 'spacegroup' and 'e_above_hull'."""
+    from pymatgen.core import Structure
+
+    from wyckoff_lab.core.structures import StructureInputError, check_structure
+
+    text = path.read_text()
+    if path.suffix.lower() == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        data = json.loads(text)
+        records = data if isinstance(data, list) else [data]
+    out = []
+    for i, record in enumerate(records):
+        name = f"{path.name}#{i}" if len(records) > 1 or path.suffix.lower() == ".jsonl" else path.name
+        if not isinstance(record, dict):
+            raise StructureInputError(f"{name}: expected a JSON object, got {type(record).__name__}")
+        payload = record.get("structure", record)
+        try:
+            structure = Structure.from_dict(payload)
+        except Exception as exc:
+            raise StructureInputError(f"{name}: not a pymatgen Structure dict ({exc})") from None
+        extras = {k: record[k] for k in ("spacegroup", "intended_spacegroup", "e_above_hull") if k in record}
+        out.append((str(record.get("name", name)), check_structure(structure, name), extras))
+    return out
+
+
+def _read_file(path: Path) -> list[tuple[str, object, dict]]:
+    from wyckoff_lab.core.structures import StructureInputError, read_structures
+
+    if path.suffix.lower() in JSON_SUFFIXES:
+        try:
+            return _read_json_records(path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StructureInputError(f"{path.name}: not valid JSON ({exc})") from None
+    return [(name, structure, {}) for name, structure in read_structures(path)]
+
+
+def read_inputs(path: Path) -> tuple[list[str], list, list[dict], list[dict]]:
+    """Names, structures, per-structure extras and per-file failures ({'file', 'reason'}) of an input path.
+
+    A bad file (unreadable, disordered, empty) is counted and skipped; only an input with no usable structure at
+    all is an error.
+    """
+    from wyckoff_lab.core.structures import STRUCTURE_SUFFIXES, StructureInputError
+
+    if not path.exists():
+        raise CommandError(f"{path}: no such file or folder")
+    suffixes = tuple(STRUCTURE_SUFFIXES) + JSON_SUFFIXES
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        if not files:
+            raise CommandError(f"{path} holds no structure files ({', '.join(sorted(set(suffixes)))})")
+    else:
+        files = [path]
+    names, structures, extras, failures = [], [], [], []
+    for file in files:
+        try:
+            records = _read_file(file)
+        except (StructureInputError, OSError) as exc:
+            failures.append({"file": file.name, "reason": str(exc)})
+            continue
+        for name, structure, extra in records:
+            names.append(name)
+            structures.append(structure)
+            extras.append(extra)
+    if not structures:
+        detail = "; ".join(f["reason"] for f in failures[:3])
+        raise CommandError(f"no usable structure in {path} ({len(failures)} file(s) failed: {detail})")
+    return names, structures, extras, failures
+
+
+def _per_name(path: Path, names: list[str], what: str) -> list:
+    """Values from a JSON mapping (file name or stem -> value) or list (input order), None where missing."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CommandError(f"{path}: cannot read {what} JSON ({exc})") from None
+    if isinstance(data, list):
+        if len(data) != len(names):
+            raise CommandError(f"{path}: {len(data)} {what} values for {len(names)} structures")
+        return data
+    if not isinstance(data, dict):
+        raise CommandError(f"{path}: expected a JSON object or list of {what}")
+    return [data.get(n, data.get(Path(n).stem) if "#" not in n else None) for n in names]
+
+
+def intended_spacegroups(args, names: list[str], extras: list[dict]) -> list | None:
+    """Intended space group per structure (None where unknown), or None when no source was given."""
+    if args.spacegroups_from_filename:
+        found = [SG_IN_NAME.search(Path(n).stem if "#" not in n else n) for n in names]
+        values = [int(m.group(1)) if m else None for m in found]
+    elif args.intended_sg_json is not None:
+        values = _per_name(args.intended_sg_json, names, "space group")
+    else:
+        values = [e.get("intended_spacegroup", e.get("spacegroup")) for e in extras]
+        if all(v is None for v in values):
+            return None
+    checked = []
+    for name, value in zip(names, values):
+        if value is not None and not (isinstance(value, int | float) and 1 <= int(value) <= 230):
+            raise CommandError(f"{name}: intended space group {value!r} is not a number from 1 to 230")
+        checked.append(None if value is None else int(value))
+    return checked
+
+
+# -- reference -----------------------------------------------------------------------------------------------------
+
+
+def load_reference(name: str, split: str, symprec: float, progress: bool):
+    """Reference structures and their (cached) symmetry / size statistics."""
+    import gzip
+    import hashlib
+
+    import numpy as np
+
+    from wyckoff_lab.core.datasets import load_dataset
+    from wyckoff_lab.core.metrics import ReferenceStats, analyze_symmetry
+    from wyckoff_lab.core.paths import cache_dir
+
+    dataset = load_dataset(name, split, progress=progress)
+    structures = dataset.structures
+    # Symmetry of ~27k reference crystals takes minutes: keep it, keyed by the structures' exact content.
+    digest = hashlib.sha256()
+    for array in (dataset.lattices, dataset.frac_coords, dataset.atomic_numbers, dataset.offsets):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    path = cache_dir() / "metrics" / f"reference_{name}_{split}_sym{symprec:g}_{digest.hexdigest()[:16]}.json.gz"
+    if path.exists():
+        try:
+            with gzip.open(path, "rt") as f:
+                return structures, ReferenceStats.from_dict(json.load(f))
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is rebuilt below
+    infos = analyze_symmetry(structures, symprec, progress=progress)
+    stats = ReferenceStats(infos, [len(s) for s in structures], [float(s.density) for s in structures], symprec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    with gzip.open(partial, "wt") as f:
+        json.dump(stats.as_dict(), f)
+    partial.replace(path)
+    return structures, stats
+
+
+# -- relaxation and hull -------------------------------------------------------------------------------------------
+
+
+def relax_and_hull(structures: list, potential, hull_dataset: str = "mp_20", device: str | None = None,
+                   progress: bool = False) -> tuple[list, list[float], dict]:
+    """Relax every structure, then place it on the ML hull of its chemical system (`core.hull.HullReference`).
+
+    Returns the relaxed structures (the input one where relaxation failed), E_hull per structure in eV/atom (NaN
+    where relaxation or the hull failed) and a JSON-able summary. One hull is built per chemical system, from
+    `hull_dataset` phases relaxed with the same potential and settings (cached by the hull module).
+    """
+    from collections import Counter, defaultdict
+
+    from tqdm import tqdm
+
+    from wyckoff_lab.core.hull import USABLE_STATUSES, HullReference
+    from wyckoff_lab.core.paths import DataUnavailableError
+    from wyckoff_lab.core.relax import PotentialError, relax, resolve_potential
+
+    try:
+        pot = resolve_potential(potential, device)
+        results = relax(structures, pot)
+    except PotentialError as exc:
+        raise CommandError(str(exc)) from None
+    usable = [r.status in USABLE_STATUSES for r in results]
+    by_system: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for i, (result, ok) in enumerate(zip(results, usable)):
+        if ok:
+            by_system[tuple(sorted(el.symbol for el in result.final.composition.elements))].append(i)
+    e_above_hull = [math.nan] * len(results)
+    hull_failures = {}
+    for elements, members in tqdm(by_system.items(), desc="hulls", unit="chemsys", disable=not progress):
+        try:
+            hull = HullReference.build(elements, pot, dataset=hull_dataset)
+            points = hull.e_above_hull([results[i] for i in members])
+        except (ValueError, DataUnavailableError, PotentialError) as exc:  # one system failing spares the others
+            hull_failures["-".join(elements)] = str(exc)
+            continue
+        for i, point in zip(members, points):
+            e_above_hull[i] = math.nan if point.e_above_hull is None else float(point.e_above_hull)
+    summary = {"relax_potential": pot.name, "relax_status": dict(Counter(r.status for r in results)),
+               "hull_dataset": hull_dataset, "n_hull_systems": len(by_system),
+               "n_e_above_hull": sum(math.isfinite(e) for e in e_above_hull),
+               "hull_failures": dict(list(hull_failures.items())[:MAX_LISTED_FAILURES])}
+    relaxed = [r.final if ok else r.initial for r, ok in zip(results, usable)]
+    return relaxed, e_above_hull, summary
+
+
+# -- command -------------------------------------------------------------------------------------------------------
+
+
+def _energies(names: list[str], values: list) -> list[float]:
+    """E_hull values as floats (eV/atom), NaN where missing; a non-number is a clear error."""
+    out = []
+    for name, value in zip(names, values):
+        if value is None:
+            out.append(math.nan)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out.append(float(value))
+        else:
+            raise CommandError(f"{name}: energy above hull {value!r} is not a number")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from wyckoff_lab.core.datasets import DataUnavailableError
+    from wyckoff_lab.core.metrics import evaluate
+
+    progress = not args.json and sys.stderr.isatty()
+    names, structures, extras, failures = read_inputs(args.input)
+    intended = intended_spacegroups(args, names, extras)
+    e_above_hull = None
+    if args.e_above_hull_json is not None:
+        e_above_hull = _energies(names, _per_name(args.e_above_hull_json, names, "energy above hull"))
+    elif any("e_above_hull" in e for e in extras):
+        e_above_hull = _energies(names, [e.get("e_above_hull") for e in extras])
+    if args.relax:
+        from wyckoff_lab.core.relax import POTENTIALS
+
+        if args.relax not in POTENTIALS:
+            raise CommandError(f"unknown potential {args.relax!r}; choose one of {', '.join(POTENTIALS)}")
+
+    # The reference loads before any relaxation, so a missing dataset fails fast, not after an hour of relaxing.
+    reference = stats = None
+    if args.reference and args.reference.lower() != "none":
+        try:
+            reference, stats = load_reference(args.reference, args.reference_split, args.symprec, progress)
+        except DataUnavailableError as exc:
+            raise CommandError(str(exc)) from None
+
+    extra_fields: dict = {}
+    if args.relax:
+        structures, e_above_hull, extra_fields = relax_and_hull(structures, args.relax, args.hull_dataset,
+                                                                args.device, progress)
+
+    metrics = evaluate(structures, reference, intended_spacegroups=intended, e_above_hull=e_above_hull,
+                       symprec=args.symprec, reference_stats=stats)
+    result = {"input": str(args.input), "reference": args.reference, "reference_split": args.reference_split,
+              "n_files_failed": len(failures)} | metrics | extra_fields
+    result["failed_files"] = failures[:MAX_LISTED_FAILURES]
+    emit(result, args.json, _text(result))
+    return 0
+
+
+def _text(r: dict) -> str:
+    def pct(key):
+        return "n/a" if r.get(key) is None else f"{100 * r[key]:.2f} %"
+
+    def num(key, unit=""):
+        return "n/a" if r.get(key) is None else f"{r[key]:.4f}{unit}"
+
+    lines = [f"{r['n']} structures from {r['input']}" + (f" ({r['n_files_failed']} file(s) unreadable)"
+                                                          if r["n_files_failed"] else ""),
+             f"structural validity  {pct('struct_validity')}   (min distance >= 0.5 Å, volume >= 0.1 Å^3)",
+             f"bond consistency     {pct('bond_consistency')}   (min distance >= 0.7 Å)",
+             f"compositional (SMACT){pct('comp_validity'):>10}",
+             f"valid (both)         {pct('validity')}",
+             f"P1 rate              {pct('p1_rate')}   (symprec {r['symprec']} Å)",
+             f"SG consistency       {pct('sg_consistency')}   ({r['n_sg_checked']} with an intended group)",
+             f"uniqueness           {pct('uniqueness')}   (of structurally valid)",
+             f"novelty              {pct('novelty')}   (of unique, vs {r['reference'] or 'no reference'})",
+             f"U.N. rate            {pct('un_rate')}",
+             f"JSD space groups     {num('sg_jsd')}",
+             f"JSD Wyckoff          {num('wyckoff_jsd')}",
+             f"W1 atoms per cell    {num('num_atoms_wasserstein')}",
+             f"W1 density           {num('density_wasserstein', ' g/cm^3')}",
+             f"S.U.N. / M.S.U.N.    {pct('sun_rate')} / {pct('msun_rate')}",
+             f"V.S.U.N.             {pct('vsun_rate')}"]
+    if r.get("relax_status"):
+        lines.append(f"relaxed with {r['relax_potential']}: {r['relax_status']}; E_hull known for "
+                     f"{r['n_e_above_hull']} of {r['n']} ({r['n_hull_systems']} hulls from {r['hull_dataset']})")
+    for system, reason in (r.get("hull_failures") or {}).items():
+        lines.append(f"no hull for {system}: {reason}")
+    for failure in r["failed_files"]:
+        lines.append(f"skipped {failure['file']}: {failure['reason']}")
+    return "\n".join(lines)

@@ -87,3 +87,28 @@ def structure_hash(structure: Structure, decimals: int = 6) -> str:
     payload = json.dumps({"lattice": lattice.tolist(), "species": [str(s.specie) for s in structure],
                           "coords": coords.tolist()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def write_candidates(candidates, folder: Path) -> str:
+    """Write generated candidates: one CIF each, all frames in one extxyz, and their metadata as JSON."""
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    frames, records = [], []
+    for i, candidate in enumerate(candidates):
+        structure = candidate.structure
+        name = f"{i:05d}_{structure.composition.reduced_formula}"
+        if candidate.intended_spacegroup:
+            name += f"_sg{candidate.intended_spacegroup}"
+        structure.to(filename=str(folder / f"{name}.cif"))
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        atoms.info.update({"name": name, "generator": candidate.generator,
+                           "intended_spacegroup": candidate.intended_spacegroup or 0})
+        frames.append(atoms)
+        records.append({"name": name, **candidate.as_dict()})
+    if frames:
+        write(folder / "candidates.extxyz", frames, format="extxyz")
+    (folder / "candidates.json").write_text(json.dumps(records, default=str))
+    return str(folder)

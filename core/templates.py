@@ -189,3 +189,39 @@ def _explain(remaining: dict[str, int], fixed, repeatable, group: SpaceGroupInfo
                 + ", ".join(str(wp.multiplicity) for wp in repeatable) + ")")
     return (f"each element fits alone, but together they need the same 0-DOF positions ({fixed_labels}) "
             f"in space group {group.number} ({group.symbol})")
+
+
+@functools.lru_cache(maxsize=200_000)
+def counts_feasible(counts: tuple[int, ...], fixed: tuple[int, ...], repeatable: tuple[int, ...]) -> bool:
+    """Can every count be written as a sum of distinct `fixed` multiplicities (shared, each used once) plus any
+    number of `repeatable` ones? Counts and fixed multiplicities as sorted tuples, so the cache is shared.
+
+    The count-only core of `check_template`, fast enough for masking logits at every decoding step.
+    """
+    if not counts:
+        return True
+    first, rest = counts[0], counts[1:]
+    for subset in _multiplicity_subsets(fixed, first):
+        left_fixed = list(fixed)
+        for m in subset:
+            left_fixed.remove(m)
+        if _coin_reachable(first - sum(subset), repeatable) and counts_feasible(rest, tuple(left_fixed), repeatable):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=50_000)
+def _multiplicity_subsets(fixed: tuple[int, ...], budget: int) -> tuple[tuple[int, ...], ...]:
+    """Distinct sub-multisets of `fixed` (sorted) with sum <= budget."""
+    found = {()}
+    for m in fixed:
+        found |= {tuple(sorted(s + (m,))) for s in found if sum(s) + m <= budget}
+    return tuple(sorted(found, key=len))
+
+
+@functools.lru_cache(maxsize=50_000)
+def _coin_reachable(count: int, repeatable: tuple[int, ...]) -> bool:
+    reachable = [True] + [False] * count
+    for total in range(1, count + 1):
+        reachable[total] = any(m <= total and reachable[total - m] for m in repeatable)
+    return reachable[count]

@@ -1,0 +1,1 @@
+"""Shipped assets of Wyckoff Lab: trained model weights (safetensors + JSON config) under `models/`."""

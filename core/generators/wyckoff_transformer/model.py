@@ -1,0 +1,283 @@
+"""The Wyckoff transformer: a causal pre-LN transformer with a discrete head and distributional continuous heads.
+
+Read top to bottom: config, embeddings (learned for tokens, linear+log Gaussian expansion for values, sinusoidal
+positions — Matra-Genoa Sec. IV.B), attention with a key/value cache, blocks, heads and losses. The continuous head
+is a distribution, not a point: a von Mises mixture for fractional coordinates, a log-normal mixture for lattice
+lengths and a Gaussian mixture for angles, so sampling at temperature T gives diverse coordinates. `head="mse"`
+gives the paper's point regression for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import (
+    ANGLE_KINDS,
+    CONTINUOUS_KINDS,
+    COORD_KINDS,
+    LENGTH_KINDS,
+    VOCAB,
+)
+
+N_KINDS = len(CONTINUOUS_KINDS) + 1  # 0 = discrete
+LENGTH_SCALE = 10.0  # Å: lattice lengths enter the Gaussian expansion as a / 10 Å
+ANGLE_CENTER, ANGLE_SCALE = 90.0, 30.0  # degrees: angles are modelled as (angle - 90) / 30
+
+
+@dataclass
+class WyckoffTransformerConfig:
+    vocab_size: int = len(VOCAB)
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 6
+    dropout: float = 0.1
+    max_len: int = 160
+    n_gaussians: int = 32  # per half (linear, log) of the value expansion
+    gaussian_sigma: float = 0.05
+    n_mixture: int = 8
+    head: str = "mixture"  # or "mse"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def normalise_values(values: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """Bring each kind of continuous value to an O(1) range: coordinates as is, lengths / 10 Å, angles / 180°."""
+    is_length = (kinds >= LENGTH_KINDS[0]) & (kinds <= LENGTH_KINDS[-1])
+    is_angle = kinds >= ANGLE_KINDS[0]
+    return torch.where(is_length, values / LENGTH_SCALE, torch.where(is_angle, values / 180.0, values))
+
+
+class GaussianValueEmbedding(nn.Module):
+    """x = Concat(exp(-(r_lin - v)^2 / 2s^2), exp(-(r_log - |log(|v| + 1e-20)|)^2 / 2s^2)), then a linear map."""
+
+    def __init__(self, config: WyckoffTransformerConfig):
+        super().__init__()
+        self.register_buffer("r_lin", torch.linspace(0.0, 1.5, config.n_gaussians), persistent=False)
+        self.register_buffer("r_log", torch.linspace(0.0, 5.0, config.n_gaussians), persistent=False)
+        self.sigma = config.gaussian_sigma
+        self.proj = nn.Linear(2 * config.n_gaussians, config.d_model)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.unsqueeze(-1)
+        x_lin = torch.exp(-((self.r_lin - v) ** 2) / (2 * self.sigma**2))
+        log_v = torch.abs(torch.log(torch.abs(v) + 1e-20))
+        x_log = torch.exp(-((self.r_log - log_v) ** 2) / (2 * (self.sigma * 5.0) ** 2))
+        return self.proj(torch.cat([x_lin, x_log], dim=-1))
+
+
+def sinusoidal_positions(max_len: int, d: int) -> torch.Tensor:
+    position = torch.arange(max_len).unsqueeze(1)
+    div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
+    table = torch.zeros(max_len, d)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transformer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: WyckoffTransformerConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.out = nn.Linear(config.d_model, config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x: (B, T, d). With a cache of past keys/values, x holds only the new positions."""
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k = torch.cat([cache[0], k], dim=2)
+            v = torch.cat([cache[1], v], dim=2)
+        # Training sees whole sequences (causal mask); sampling feeds one new position that sees all cached ones.
+        if cache is not None and T > 1:
+            raise ValueError("with a key/value cache, feed one position at a time")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, d)
+        return self.out(y), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, config: WyckoffTransformerConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.mlp = nn.Sequential(nn.Linear(config.d_model, 4 * config.d_model), nn.GELU(),
+                                 nn.Linear(4 * config.d_model, config.d_model), nn.Dropout(config.dropout))
+
+    def forward(self, x, cache=None):
+        h, new_cache = self.attn(self.ln1(x), cache)
+        x = x + h
+        x = x + self.mlp(self.ln2(x))
+        return x, new_cache
+
+
+class WyckoffTransformer(nn.Module):
+    def __init__(self, config: WyckoffTransformerConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.token_emb = nn.Embedding(config.vocab_size, d)
+        self.kind_emb = nn.Embedding(N_KINDS, d)
+        self.value_emb = GaussianValueEmbedding(config)
+        self.register_buffer("pos_table", sinusoidal_positions(config.max_len, d), persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.discrete_head = nn.Linear(d, config.vocab_size)
+        # The continuous head is told which kind of value comes next (x, y, z, a, ..., gamma).
+        self.next_kind_emb = nn.Embedding(N_KINDS, d)
+        out = 3 * config.n_mixture if config.head == "mixture" else 2
+        self.continuous_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, out))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def embed(self, tokens, values, kinds, start: int = 0) -> torch.Tensor:
+        x = self.token_emb(tokens)
+        is_value = (kinds > 0).unsqueeze(-1)
+        value_part = self.kind_emb(kinds) + self.value_emb(normalise_values(values, kinds))
+        x = x + torch.where(is_value, value_part, torch.zeros_like(value_part))
+        T = tokens.shape[1]
+        if start + T > self.config.max_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_len={self.config.max_len}")
+        return x + self.pos_table[start:start + T]
+
+    def forward(self, tokens, values, kinds, cache=None, start: int = 0):
+        """Hidden states (B, T, d) and the updated per-layer key/value cache."""
+        x = self.drop(self.embed(tokens, values, kinds, start))
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        return self.ln_f(x), new_cache
+
+    def discrete_logits(self, hidden):
+        return self.discrete_head(hidden)
+
+    def continuous_params(self, hidden, next_kinds):
+        return self.continuous_head(hidden + self.next_kind_emb(next_kinds))
+
+    # -- losses ----------------------------------------------------------------------------------------------
+
+    def loss(self, tokens, values, kinds, pad_mask):
+        """Mean cross-entropy over next discrete tokens + mean NLL (or MSE) over next continuous values."""
+        hidden, _ = self(tokens[:, :-1], values[:, :-1], kinds[:, :-1])
+        target_tokens, target_values, target_kinds = tokens[:, 1:], values[:, 1:], kinds[:, 1:]
+        valid = pad_mask[:, 1:]
+        discrete = valid & (target_kinds == 0)
+        logits = self.discrete_logits(hidden[discrete])
+        ce = F.cross_entropy(logits, target_tokens[discrete])
+        continuous = valid & (target_kinds > 0)
+        params = self.continuous_params(hidden[continuous], target_kinds[continuous])
+        nll = continuous_nll(params, target_values[continuous], target_kinds[continuous], self.config)
+        return ce, nll
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Continuous distributions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _split_mixture(params, config):
+    K = config.n_mixture
+    return params[:, :K], params[:, K:2 * K], params[:, 2 * K:3 * K]
+
+
+def _target(values, kinds):
+    """The variable each kind is modelled in: angle 2*pi*x, log length (Å), scaled angle."""
+    is_coord = kinds <= COORD_KINDS[-1]
+    is_length = (kinds >= LENGTH_KINDS[0]) & (kinds <= LENGTH_KINDS[-1])
+    return torch.where(is_coord, 2 * math.pi * values,
+                       torch.where(is_length, torch.log(values.clamp_min(1e-3)), (values - ANGLE_CENTER) / ANGLE_SCALE))
+
+
+def continuous_nll(params, values, kinds, config) -> torch.Tensor:
+    y = _target(values, kinds)
+    is_coord = kinds <= COORD_KINDS[-1]
+    if config.head == "mse":
+        # Point regression; coordinates compared on the circle (periodic), others directly.
+        pred = params[:, 0]
+        coord_err = 1 - torch.cos(y - 2 * math.pi * torch.sigmoid(pred))
+        return torch.where(is_coord, coord_err, (y - pred) ** 2).mean()
+    logit_w, mu, scale = _split_mixture(params, config)
+    log_w = F.log_softmax(logit_w, dim=-1)
+    yk = y.unsqueeze(-1)
+    # von Mises: log p = kappa cos(y - mu) - log(2 pi I0(kappa)), I0 via the scaled i0e for stability.
+    kappa = F.softplus(scale) + 1e-3
+    log_vm = kappa * torch.cos(yk - mu) - (torch.log(torch.special.i0e(kappa)) + kappa) - math.log(2 * math.pi)
+    sigma = F.softplus(scale) + 1e-3
+    log_gauss = -0.5 * ((yk - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
+    log_p = torch.where(is_coord.unsqueeze(-1), log_vm, log_gauss)
+    return -torch.logsumexp(log_w + log_p, dim=-1).mean()
+
+
+def sample_continuous(params, kinds, config, temperature: float, generator=None) -> torch.Tensor:
+    """Draw values (fractional coordinates in [0, 1), lengths in Å, angles in degrees) at a temperature."""
+    is_coord = kinds <= COORD_KINDS[-1]
+    is_length = (kinds >= LENGTH_KINDS[0]) & (kinds <= LENGTH_KINDS[-1])
+    if config.head == "mse":
+        pred = params[:, 0]
+        y = torch.where(is_coord, 2 * math.pi * torch.sigmoid(pred), pred)
+    else:
+        logit_w, mu, scale = _split_mixture(params, config)
+        probs = F.softmax(logit_w / temperature, dim=-1)
+        k = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        mu_k = mu.gather(1, k[:, None]).squeeze(1)
+        s_k = F.softplus(scale.gather(1, k[:, None]).squeeze(1)) + 1e-3
+        normal = torch.randn(mu_k.shape, generator=generator, device=mu_k.device)
+        gauss = mu_k + s_k * math.sqrt(temperature) * normal
+        vm = _sample_von_mises(mu_k, s_k / temperature, generator)
+        y = torch.where(is_coord, vm, gauss)
+    return torch.where(is_coord, torch.remainder(y / (2 * math.pi), 1.0),
+                       torch.where(is_length, torch.exp(y), y * ANGLE_SCALE + ANGLE_CENTER))
+
+
+def _sample_von_mises(mu, kappa, generator=None, max_rounds: int = 64):
+    """Best–Fisher rejection sampling, vectorised and seeded (torch.distributions.VonMises takes no generator)."""
+    tau = 1 + torch.sqrt(1 + 4 * kappa**2)
+    rho = (tau - torch.sqrt(2 * tau)) / (2 * kappa)
+    r = (1 + rho**2) / (2 * rho)
+    out = torch.zeros_like(mu)
+    todo = torch.ones_like(mu, dtype=torch.bool)
+    for _ in range(max_rounds):
+        u1, u2, u3 = (torch.rand(mu.shape, generator=generator, device=mu.device) for _ in range(3))
+        z = torch.cos(math.pi * u1)
+        f = (1 + r * z) / (r + z)
+        c = kappa * (r - f)
+        accept = todo & ((c * (2 - c) - u2 > 0) | (torch.log(c / u2) + 1 - c >= 0))
+        theta = torch.sign(u3 - 0.5) * torch.acos(f.clamp(-1, 1))
+        out = torch.where(accept, theta, out)
+        todo = todo & ~accept
+        if not todo.any():
+            break
+    out = torch.where(todo, torch.rand(mu.shape, generator=generator, device=mu.device) * 2 * math.pi, out)
+    return mu + out

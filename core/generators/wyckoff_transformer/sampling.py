@@ -1,0 +1,92 @@
+"""Batched, seeded sampling from the Wyckoff transformer with a key/value cache and constrained decoding."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from wyckoff_lab.core.generators.wyckoff_transformer.decoding import DecodingPlan, DecodingState
+from wyckoff_lab.core.generators.wyckoff_transformer.model import WyckoffTransformer, sample_continuous
+from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import VOCAB
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tail of each row outside the smallest set of tokens whose probability reaches top_p."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+    return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def sample_sequences(model: WyckoffTransformer, plan: DecodingPlan, n: int, temperature: float = 1.0,
+                     top_p: float = 1.0, seed: int | None = None, batch_size: int = 256,
+                     progress: Callable[[int, int], None] | None = None) -> list[DecodingState]:
+    """Sample `n` sequences; each returned state is complete (`phase == 'done'`) or carries a failure reason."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(np.random.SeedSequence().entropy % (2**63)))
+    states: list[DecodingState] = []
+    for start in range(0, n, batch_size):
+        batch = [DecodingState(plan) for _ in range(min(batch_size, n - start))]
+        _sample_batch(model, batch, temperature, top_p, generator, device)
+        states += batch
+        if progress:
+            progress(len(states), n)
+    return states
+
+
+def _sample_batch(model, states, temperature, top_p, generator, device) -> None:
+    B = len(states)
+    tokens = torch.full((B, 1), VOCAB.bos, dtype=torch.long, device=device)
+    values = torch.zeros((B, 1), device=device)
+    kinds = torch.zeros((B, 1), dtype=torch.long, device=device)
+    cache = None
+    for step in range(model.config.max_len - 1):
+        active = [i for i, s in enumerate(states) if not s.done]
+        if not active:
+            return
+        hidden, cache = model(tokens, values, kinds, cache=cache, start=step)
+        hidden = hidden[:, -1]
+        next_tokens = torch.full((B,), VOCAB.pad, dtype=torch.long)
+        next_values = torch.zeros(B)
+        next_kinds = torch.zeros(B, dtype=torch.long)
+
+        # Split before pushing: a pushed token changes what the state expects next.
+        discrete = [i for i in active if states[i].next_kind() == 0]
+        continuous = [i for i in active if states[i].next_kind() > 0]
+        if discrete:
+            masks = torch.from_numpy(np.stack([states[i].mask() for i in discrete])).to(device)
+            dead = ~masks.any(dim=1)
+            logits = model.discrete_logits(hidden[discrete]).float() / temperature
+            logits = logits.masked_fill(~masks, float("-inf"))
+            logits[dead] = 0.0  # placeholder row; the state is failed below
+            probs = _top_p_filter(torch.softmax(logits, dim=-1), top_p)
+            chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1).cpu()
+            for row, i in enumerate(discrete):
+                if dead[row]:
+                    states[i].fail("dead_end")
+                    continue
+                states[i].push(int(chosen[row]))
+                next_tokens[i] = chosen[row]
+
+        if continuous:
+            wanted = torch.tensor([states[i].next_kind() for i in continuous], device=device)
+            params = model.continuous_params(hidden[continuous], wanted).float()
+            drawn = sample_continuous(params, wanted, model.config, temperature, generator).cpu()
+            for row, i in enumerate(continuous):
+                kind = int(wanted[row])
+                states[i].push(VOCAB.num, float(drawn[row]))
+                next_tokens[i], next_values[i], next_kinds[i] = VOCAB.num, drawn[row], kind
+
+        tokens = next_tokens[:, None].to(device)
+        values = torch.nan_to_num(next_values, nan=0.0, posinf=0.0, neginf=0.0)[:, None].to(device)
+        kinds = next_kinds[:, None].to(device)
+    for state in states:
+        if not state.done:
+            state.fail("max_len")

@@ -77,12 +77,25 @@ class WyckoffCrystal:
                        angle_tolerance: float = DEFAULT_ANGLE_TOLERANCE) -> "WyckoffCrystal":
         """Detect the symmetry of an ordered structure and express it in Wyckoff positions.
 
+        When spglib finds a group at `symprec` whose sites it cannot idealise onto that group's Wyckoff positions
+        (borderline distortions), the tolerance is halved, at most three times: the highest symmetry that the
+        structure really has wins. `symprec` of the result records the tolerance used.
         Raises WyckoffError with reason 'disorder', 'symmetry_detection' or 'setting'.
         """
         if not structure.is_ordered:
             raise WyckoffError("structure has partial occupancies; the Wyckoff representation needs an ordered "
                                "structure", "disorder")
         cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
+        for attempt in range(4):
+            try:
+                return cls._from_cell(cell, symprec / 2**attempt, angle_tolerance)
+            except WyckoffError as exc:
+                if exc.reason != "setting" or attempt == 3:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _from_cell(cls, cell, symprec: float, angle_tolerance: float) -> "WyckoffCrystal":
         dataset = spglib.get_symmetry_dataset(cell, symprec=symprec, angle_tolerance=angle_tolerance)
         if dataset is None:
             raise WyckoffError(f"spglib found no symmetry at symprec={symprec}", "symmetry_detection")

@@ -15,7 +15,7 @@ from wyckoff_lab.core.paths import cache_dir
 from wyckoff_lab.core.wyckoff import DEFAULT_SYMPREC, WyckoffCrystal, WyckoffError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: tolerance fallback in WyckoffCrystal.from_structure
 
 
 def dataset_digest(dataset) -> str:

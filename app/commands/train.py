@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     wt.add_argument("--device", default=None)
     wt.add_argument("--seed", type=int, default=0)
     wt.add_argument("--install", action="store_true", help="copy the best weights into assets/models when done")
+    wt.add_argument("--embeddings", default=None, help="also write the learned embeddings (npz) here")
     wt.add_argument("--json", action="store_true")
     wt.set_defaults(func=_train_wyckoff_transformer)
 
@@ -43,6 +44,12 @@ def _train_wyckoff_transformer(args) -> int:
         for name in ("model.safetensors", "config.json"):
             shutil.copy2(f"{args.out}/best/{name}", target / name)
         result["installed"] = str(target)
+    if args.embeddings:
+        from wyckoff_lab.core.generators.wyckoff_transformer import export_embeddings, load_model
+
+        model, _ = load_model(f"{args.out}/best", device="cpu")
+        export_embeddings(model, args.embeddings)
+        result["embeddings"] = args.embeddings
     emit(result, args.json, f"trained {result['epochs_done']} epochs, {result['steps']} steps; "
                             f"best validation loss {result['best_val_loss']:.4f}")
     return 0

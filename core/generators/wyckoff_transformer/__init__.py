@@ -102,16 +102,40 @@ class WyckoffTransformerGenerator(Generator):
         return GenerationResult(candidates, attempts=n, failures=dict(failures))
 
     def _check_feasible(self, conditions: Conditions) -> None:
-        """Clear errors before sampling: elements the model never saw, templates no multiplicity can satisfy."""
-        from wyckoff_lab.core.templates import check_template
-
+        """Elements the model never saw get a clear error (impossible templates are refused by DecodingPlan)."""
         unseen = [el for el in conditions.chemical_system or () if el not in self.seen_elements]
         if unseen:
             raise UnsupportedConditionError(
                 f"the Wyckoff transformer never saw {', '.join(unseen)} in training, so it cannot place "
                 f"{'it' if len(unseen) == 1 else 'them'}; try the PyXtal baseline for this chemistry")
-        if conditions.spacegroup and conditions.formula:
-            check = check_template(conditions.formula, conditions.spacegroup, conditions.template,
-                                   max_atoms=(conditions.max_atoms or DEFAULT_MAX_ATOMS) * 4)
-            if not check:
-                raise ValueError("impossible conditions: " + "; ".join(check.reasons[:3]))
+
+
+def learned_embeddings(model) -> dict:
+    """The model's learned input embeddings, labelled, for the t-SNE maps of the app.
+
+    Returns {"elements": (symbols, vectors), "spacegroups": (numbers, vectors), "wyckoff": (labels, vectors)}; a
+    Wyckoff token's label lists the positions sharing it (e.g. '10:i 16:m 47:m').
+    """
+    from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import MAX_Z, VOCAB
+    from wyckoff_lab.core.symmetry import orbit_vocabulary
+
+    weight = model.token_emb.weight.detach().cpu().numpy()
+    vocabulary = orbit_vocabulary()
+    return {
+        "elements": ([VOCAB.element_symbol(VOCAB.element_offset + z) for z in range(MAX_Z)],
+                     weight[VOCAB.element_offset:VOCAB.element_offset + MAX_Z]),
+        "spacegroups": (list(range(1, 231)), weight[VOCAB.sg_offset:VOCAB.sg_offset + 230]),
+        "wyckoff": ([" ".join(f"{sg}:{letter}" for sg, letter in members) for members in vocabulary],
+                    weight[VOCAB.wyckoff_offset:VOCAB.wyckoff_offset + len(vocabulary)]),
+    }
+
+
+def export_embeddings(model, path) -> None:
+    """Write `learned_embeddings` as a compressed npz: <kind>_labels and <kind>_vectors per kind."""
+    import numpy as np
+
+    arrays = {}
+    for kind, (labels, vectors) in learned_embeddings(model).items():
+        arrays[f"{kind}_labels"] = np.array([str(label) for label in labels])
+        arrays[f"{kind}_vectors"] = vectors
+    np.savez_compressed(path, **arrays)

@@ -96,7 +96,30 @@ class DecodingPlan:
             template = tuple((el, group.wyckoff(label)) for el, label in conditions.template)
             for el, wp in template:
                 pinned[el] = pinned.get(el, 0) + wp.multiplicity
-        return cls(conditions, max_atoms, allowed_elements, allowed_sg, formula, template, pinned)
+        plan = cls(conditions, max_atoms, allowed_elements, allowed_sg, formula, template, pinned)
+        plan._check_possible()
+        return plan
+
+    def _check_possible(self) -> None:
+        """Refuse requests no sequence can satisfy, so sampling never starts on an impossible prompt."""
+        from wyckoff_lab.core.templates import check_template
+
+        conditions = self.conditions
+        system = conditions.chemical_system or ()
+        if len(system) * self.min_count > self.max_atoms:
+            raise ValueError(f"impossible conditions: {len(system)} elements need at least "
+                             f"{len(system) * self.min_count} atoms, more than max_atoms={self.max_atoms}")
+        if conditions.spacegroup:
+            factor = SpaceGroupMultiplicities.of(conditions.spacegroup).factor
+            if conditions.formula:
+                check = check_template(conditions.formula, conditions.spacegroup, conditions.template,
+                                       max_atoms=self.max_atoms * factor)
+                if not check:
+                    raise ValueError("impossible conditions: " + "; ".join(check.reasons[:3]))
+            needed = sum(self.pinned.values()) / factor + self.min_count * len(set(system) - set(self.pinned))
+            if needed > self.max_atoms:
+                raise ValueError(f"impossible conditions: the template and elements need at least {needed:g} atoms "
+                                 f"in the primitive cell, more than max_atoms={self.max_atoms}")
 
 
 class DecodingState:

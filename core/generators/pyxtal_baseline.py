@@ -1,0 +1,392 @@
+"""PyXtal random symmetric crystals with charge compensation: the baseline Matra-Genoa is measured against."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import time
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+
+import numpy as np
+from pymatgen.core import Composition, Element
+
+from wyckoff_lab.core.generators import (
+    Candidate,
+    Conditions,
+    GenerationResult,
+    Generator,
+    ProgressCallback,
+    register_generator,
+)
+from wyckoff_lab.core.symmetry import spacegroup
+from wyckoff_lab.core.templates import check_template, counts_feasible
+from wyckoff_lab.core.wyckoff import WyckoffCrystal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ATOMS = 20  # primitive cell, as in MP-20
+VOLUME_FACTOR = 1.1  # pyxtal's volume factor over its estimate from atomic radii
+ATTEMPTS_PER_STRUCTURE = 5  # cap on attempts, so an unlucky request ends instead of looping
+PYXTAL_TRIES = 3  # pyxtal's own restarts per attempt (each restart already tries many lattices and coordinates)
+# Conventional-cell atoms per primitive-cell atom, from the lattice centring letter (R groups in hexagonal axes).
+CENTERING_FACTOR = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "F": 4, "R": 3}
+
+# Used only when MP-20 is not available: the most frequent chemical systems and space groups of MP-20 train
+# (row counts), so that unconditioned sampling still resembles the benchmark's distribution.
+FALLBACK_CHEMICAL_SYSTEMS = {
+    "F-O-V": 104, "F-Mn-O": 102, "Co-Li-Mn-O": 79, "Mo-S-Se-W": 54, "F-Li-Mn": 43, "Li-Mg": 42, "F-Li-V": 42,
+    "Li-Mn-O": 38, "Ga-Mg": 35, "F-Li-O-V": 35, "Cd-Mg": 34, "F-Fe-Li": 33, "Mg-Zn": 28, "F-Li-Mn-O": 27,
+    "Cu-F-Li": 26, "F-Fe-O": 26,
+}
+FALLBACK_SPACEGROUPS = {
+    225: 3613, 12: 1228, 139: 1219, 62: 1171, 194: 1115, 166: 1050, 63: 862, 221: 819, 2: 643, 123: 619, 14: 551,
+    164: 545, 216: 534, 15: 497, 129: 470, 189: 468, 1: 442, 71: 411, 38: 372, 191: 353,
+}
+
+
+@functools.cache
+def mp20_train_distribution() -> tuple[dict[tuple[str, ...], int], dict[int, int]]:
+    """Row counts of chemical systems and of space groups in MP-20 train: what unconditioned attempts draw from.
+
+    Falls back to the built-in top entries (with a warning) when the dataset is neither local nor downloadable.
+    """
+    from wyckoff_lab.core.datasets import load_dataset
+    from wyckoff_lab.core.paths import DataUnavailableError
+
+    try:
+        frame = load_dataset("mp_20", "train").frame
+    except DataUnavailableError as exc:
+        log.warning("MP-20 is unavailable (%s); sampling from a small built-in list of chemical systems", exc)
+        return ({_by_z(system.split("-")): count for system, count in FALLBACK_CHEMICAL_SYSTEMS.items()},
+                dict(FALLBACK_SPACEGROUPS))
+    systems = Counter(_by_z(system.split("-")) for system in frame["chemsys"])
+    groups = Counter(int(number) for number in frame["spacegroup"])
+    return dict(systems), dict(groups)
+
+
+def _by_z(elements) -> tuple[str, ...]:
+    return tuple(sorted(elements, key=lambda el: Element(el).Z))
+
+
+# -- compositions ---------------------------------------------------------------------------------------------------
+
+
+def oxidation_states(element: str) -> tuple[int, ...]:
+    """pymatgen's common oxidation states plus those observed in the ICSD (e.g. Cu(I), which is not 'common')."""
+    el = Element(element)
+    return tuple(sorted(set(el.common_oxidation_states) | set(el.icsd_oxidation_states)))
+
+
+@functools.cache
+def _smact_metals() -> frozenset[str]:
+    import smact
+
+    return frozenset(smact.metals)
+
+
+def needs_charge_balance(elements: tuple[str, ...]) -> bool:
+    """False for elements and all-metal systems: SMACT validity accepts those without oxidation states (alloys)."""
+    return len(elements) > 1 and not set(elements) <= _smact_metals()
+
+
+@functools.lru_cache(maxsize=4096)
+def candidate_compositions(elements: tuple[str, ...], max_atoms: int) -> tuple[tuple[int, ...], ...]:
+    """Reduced integer ratios (one count per element, in `elements` order) with at most `max_atoms` atoms.
+
+    Where charge balance applies, only ratios for which one oxidation state per element (SMACT's rule, as in
+    `smact.neutral_ratios`) sums to zero; enumerated by total atom count rather than by a per-element cap, so
+    that large chemical systems stay cheap. Alloys and elements get every ratio.
+    """
+    states = [oxidation_states(el) for el in elements] if needs_charge_balance(elements) else None
+    if states is not None and not all(states):
+        return ()  # an element without oxidation states (a noble gas) cannot be charge balanced
+    found: list[tuple[int, ...]] = []
+    k = len(elements)
+
+    def extend(i: int, prefix: tuple[int, ...], left: int, charges: frozenset[int] | None) -> None:
+        if i == k:
+            if (charges is None or 0 in charges) and math.gcd(*prefix) == 1:
+                found.append(prefix)
+            return
+        rest = k - i - 1  # elements still to place, at least one atom each
+        for count in range(1, left - rest + 1):
+            if charges is None:
+                extend(i + 1, prefix + (count,), left - count, None)
+                continue
+            reachable = _prune(frozenset(c + count * s for c in charges for s in states[i]), states[i + 1:],
+                               left - count)
+            if reachable:
+                extend(i + 1, prefix + (count,), left - count, reachable)
+
+    extend(0, (), max_atoms, None if states is None else frozenset({0}))
+    return tuple(found)
+
+
+def _prune(charges: frozenset[int], remaining_states: list[tuple[int, ...]], atoms_left: int) -> frozenset[int]:
+    """Drop partial charges that the remaining elements (one atom each at least, spare atoms anywhere) cannot
+    bring back to zero: the enumeration's pruning."""
+    if not remaining_states:
+        return charges
+    spare = atoms_left - len(remaining_states)
+    lowest = sum(min(s) for s in remaining_states) + spare * min(0, *(min(s) for s in remaining_states))
+    highest = sum(max(s) for s in remaining_states) + spare * max(0, *(max(s) for s in remaining_states))
+    return frozenset(c for c in charges if lowest <= -c <= highest)
+
+
+@functools.lru_cache(maxsize=4096)
+def compositions_by_size(elements: tuple[str, ...], max_atoms: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """`candidate_compositions` grouped by atoms per formula unit (smallest first, empty sizes left out).
+
+    Attempts draw the size first: there are far more ways to write a 19-atom formula than a 2-atom one, and a
+    uniform draw over formulas would give almost only large, unusual ones (e.g. Ca11Al5Cu4 for Al-Ca-Cu).
+    """
+    sizes: dict[int, list[tuple[int, ...]]] = {}
+    for ratio in candidate_compositions(elements, max_atoms):
+        sizes.setdefault(sum(ratio), []).append(ratio)
+    return tuple(tuple(sizes[size]) for size in sorted(sizes))
+
+
+# -- space groups ---------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _multiplicities(number: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(centring factor, 0-DOF multiplicities, repeatable multiplicities) of a space group, for counts_feasible."""
+    group = spacegroup(number)
+    fixed = tuple(sorted(wp.multiplicity for wp in group.wyckoff_positions if wp.dof == 0))
+    repeatable = tuple(sorted({wp.multiplicity for wp in group.wyckoff_positions if wp.dof > 0}))
+    return CENTERING_FACTOR[group.symbol[0]], fixed, repeatable
+
+
+@functools.lru_cache(maxsize=200_000)
+def feasible_formula_units(ratio: tuple[int, ...], number: int, max_atoms: int) -> tuple[int, ...]:
+    """Multiples z of a reduced ratio (primitive cell: z * sum(ratio) <= max_atoms) whose conventional-cell counts
+    (z times the centring factor) some Wyckoff positions of the group can hold. Pass the ratio sorted: only the
+    counts matter, not which element has which, so sorted ratios share the cache."""
+    factor, fixed, repeatable = _multiplicities(number)
+    return tuple(z for z in range(1, max_atoms // sum(ratio) + 1)
+                 if counts_feasible(tuple(factor * z * c for c in ratio), fixed, repeatable))
+
+
+@functools.lru_cache(maxsize=20_000)
+def _template_formula_units(elements: tuple[str, ...], ratio: tuple[int, ...], number: int, max_atoms: int,
+                            template: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
+    """Like `feasible_formula_units`, with the user's pinned orbits placed first (`check_template`, exact counts)."""
+    factor = _multiplicities(number)[0]
+    return tuple(z for z in range(1, max_atoms // sum(ratio) + 1)
+                 if check_template(dict(zip(elements, (factor * z * c for c in ratio))), number, template))
+
+
+@contextlib.contextmanager
+def _pyxtal_tolerances():
+    """Yield one pyxtal tolerance matrix (atomic radii) for every placement check of a batch.
+
+    pyxtal 1.1.5's Wyckoff `merge` calls `check_images` with an explicit tolerance but no matrix, and
+    `check_images` then builds a 118 x 118 `Tol_matrix` it never reads (about 5 ms, each of thousands of times):
+    over half of all generation time. Handing it a prebuilt matrix gives identical structures about 2.5x faster;
+    the original function is restored afterwards.
+    """
+    import pyxtal.symmetry
+    from pyxtal.operations import check_images
+    from pyxtal.tolerance import Tol_matrix
+
+    matrix = Tol_matrix(prototype="atomic")
+    original = pyxtal.symmetry.check_images
+    pyxtal.symmetry.check_images = functools.partial(check_images, tm=matrix)
+    try:
+        yield matrix
+    finally:
+        pyxtal.symmetry.check_images = original
+
+
+@functools.cache
+def _pyxtal_group(number: int):
+    """pyxtal's Group objects are slow to build (~0.1 s for cubic groups) and only read while generating."""
+    from pyxtal.symmetry import Group
+
+    return Group(number)
+
+
+# -- the generator --------------------------------------------------------------------------------------------------
+
+
+@register_generator("pyxtal")
+class PyXtalGenerator(Generator):
+    """Random crystals in a chosen space group with pyxtal, on charge-balanced compositions.
+
+    Each attempt: a chemical system (given, or drawn from MP-20 train), a charge-balanced reduced composition,
+    a space group (given, or drawn from MP-20 train among those whose Wyckoff multiplicities can hold some multiple
+    of the composition), a feasible multiple, then `pyxtal.from_random`. Attempts that fail are counted by reason.
+    """
+
+    name = "pyxtal"
+    description = "PyXtal random symmetric crystals with charge compensation (the Matra-Genoa baseline)"
+    supported_conditions = frozenset({"elements", "formula", "spacegroup", "max_atoms", "template"})
+    uses_temperature = False
+
+    def __init__(self, chemical_systems: Mapping | None = None, spacegroups: Mapping[int, float] | None = None,
+                 volume_factor: float = VOLUME_FACTOR, attempts_per_structure: int = ATTEMPTS_PER_STRUCTURE,
+                 pyxtal_tries: int = PYXTAL_TRIES):
+        """`chemical_systems` ({"Na-Cl" or ("Na", "Cl"): weight}) and `spacegroups` ({number: weight}) replace the
+        MP-20 train distributions that unconditioned attempts draw from (loaded on first need)."""
+        self._systems = None if chemical_systems is None else {
+            _by_z(k.split("-") if isinstance(k, str) else k): float(w) for k, w in chemical_systems.items()}
+        self._groups = None if spacegroups is None else {int(k): float(w) for k, w in spacegroups.items()}
+        self.volume_factor = volume_factor
+        self.attempts_per_structure = attempts_per_structure
+        self.pyxtal_tries = pyxtal_tries
+
+    def _distributions(self) -> tuple[dict, dict]:
+        if self._systems is None or self._groups is None:
+            systems, groups = mp20_train_distribution()
+            self._systems = self._systems if self._systems is not None else systems
+            self._groups = self._groups if self._groups is not None else groups
+        return self._systems, self._groups
+
+    def _generate(self, n: int, conditions: Conditions, temperature: float, seed: int | None,
+                  progress: ProgressCallback | None) -> GenerationResult:
+        max_atoms = conditions.max_atoms or DEFAULT_MAX_ATOMS
+        self._check_feasible(conditions, max_atoms)
+        systems = groups = None  # (choices, weights) for what the conditions leave open
+        if conditions.chemical_system is None or conditions.spacegroup is None:
+            all_systems, all_groups = self._distributions()
+            if conditions.chemical_system is None:
+                systems = list(all_systems), _normalised(all_systems.values())
+            if conditions.spacegroup is None:
+                groups = np.array(list(all_groups)), np.array(list(all_groups.values()), dtype=float)
+        base_seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+
+        candidates: list[Candidate] = []
+        failures: Counter = Counter()
+        attempts = 0
+        last = time.perf_counter()
+        with warnings.catch_warnings(), _pyxtal_tolerances() as tolerances:
+            warnings.simplefilter("ignore")  # pyxtal warns on every volume increase it makes
+            while len(candidates) < n and attempts < self.attempts_per_structure * n:
+                rng = np.random.default_rng([base_seed, attempts])
+                outcome = self._attempt(rng, conditions, max_atoms, systems, groups, tolerances)
+                if isinstance(outcome, str):
+                    failures[outcome] += 1
+                else:
+                    structure, sg, wyckoff, z = outcome
+                    now = time.perf_counter()
+                    candidates.append(Candidate(structure, self.name, conditions, intended_spacegroup=sg,
+                                                wyckoff=wyckoff, sampling_time_s=now - last, seed=base_seed,
+                                                extra={"attempt": attempts, "formula_units": z}))
+                    last = now
+                attempts += 1
+                if progress:
+                    progress(len(candidates), n)
+        return GenerationResult(candidates, attempts=attempts, failures=dict(failures))
+
+    def _attempt(self, rng: np.random.Generator, conditions: Conditions, max_atoms: int, systems, groups,
+                 tolerances):
+        """One try: (structure, space group, Wyckoff dict, formula units), or the failure reason."""
+        if conditions.formula:
+            elements, ratio = conditions.chemical_system, _formula_ratio(conditions)
+        else:
+            elements = conditions.chemical_system or systems[0][rng.choice(len(systems[0]), p=systems[1])]
+            by_size = compositions_by_size(elements, max_atoms)
+            if not by_size:
+                return "no_charge_balanced_composition"
+            same_size = by_size[rng.integers(len(by_size))]
+            ratio = same_size[rng.integers(len(same_size))]
+
+        if conditions.spacegroup:
+            order = [conditions.spacegroup]
+        else:  # a weighted draw without replacement (exponential keys), tried in order until one fits
+            numbers, weights = groups
+            order = numbers[np.argsort(rng.exponential(size=len(numbers)) / weights)]
+        for number in map(int, order):
+            units = _formula_units(elements, ratio, number, max_atoms, conditions.template)
+            if units:
+                break
+        else:
+            return "no_feasible_spacegroup"
+
+        z = int(units[rng.integers(len(units))])
+        counts = [_multiplicities(number)[0] * z * c for c in ratio]
+        sites = None
+        if conditions.template:
+            sites = [[label for el, label in conditions.template if el == element] or None for element in elements]
+        from pyxtal import pyxtal
+
+        crystal = pyxtal()
+        try:
+            crystal.from_random(3, _pyxtal_group(number), list(elements), counts, factor=self.volume_factor,
+                                sites=sites, max_count=self.pyxtal_tries, tm=tolerances, random_state=rng)
+        except Exception:  # pyxtal signals "no arrangement found" with assorted exception types
+            return "pyxtal_failed"
+        return crystal.to_pymatgen(), number, _wyckoff_dict(crystal, number), z
+
+    def _check_feasible(self, conditions: Conditions, max_atoms: int) -> None:
+        """Refuse up front, with the reason, a fixed chemistry that no attempt could ever satisfy."""
+        elements = conditions.chemical_system
+        if elements is None:
+            return
+        system = "-".join(elements)
+        if conditions.formula:
+            compositions = (_formula_ratio(conditions),)
+            if sum(compositions[0]) > max_atoms:
+                raise ValueError(f"{conditions.formula} has {sum(compositions[0])} atoms, more than "
+                                 f"max_atoms={max_atoms}")
+        else:
+            compositions = candidate_compositions(elements, max_atoms)
+            if not compositions:
+                states = "; ".join(f"{el}: {', '.join(f'{s:+d}' for s in oxidation_states(el)) or 'none'}"
+                                   for el in elements)
+                raise ValueError(f"no charge-balanced composition of {system} with at most {max_atoms} atoms "
+                                 f"(oxidation states {states})")
+        number = conditions.spacegroup
+        if number is None or any(_formula_units(elements, ratio, number, max_atoms, conditions.template)
+                                 for ratio in compositions):
+            return
+        factor, fixed, repeatable = _multiplicities(number)
+        if conditions.formula:
+            ratio = compositions[0]
+            tried = "; ".join(" ".join(f"{el}{factor * z * c}" for el, c in zip(elements, ratio))
+                              for z in range(1, max_atoms // sum(ratio) + 1))
+            detail = (f"no conventional-cell content ({tried}) is a sum of its multiplicities "
+                      f"(without free parameters, each usable once: {', '.join(map(str, fixed)) or 'none'}; "
+                      f"with free parameters: {', '.join(map(str, repeatable))})")
+        else:
+            detail = f"none of the {len(compositions)} candidate compositions of {system} fits"
+        if conditions.template:
+            detail += " once the template " + ", ".join(f"{el}:{label}" for el, label in conditions.template) + \
+                " is placed"
+        raise ValueError(f"space group {number} ({spacegroup(number).symbol}) cannot hold "
+                         f"{conditions.formula or system} within max_atoms={max_atoms} (primitive cell): {detail}")
+
+
+def _formula_ratio(conditions: Conditions) -> tuple[int, ...]:
+    """The requested reduced formula as counts in `conditions.chemical_system` order."""
+    amounts = Composition(conditions.formula).get_el_amt_dict()
+    return tuple(int(round(amounts[el])) for el in conditions.chemical_system)
+
+
+def _formula_units(elements: tuple[str, ...], ratio: tuple[int, ...], number: int, max_atoms: int,
+                   template: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
+    """Feasible multiples of a composition in a space group, honouring the template when there is one."""
+    if template:
+        return _template_formula_units(elements, ratio, number, max_atoms, template)
+    return feasible_formula_units(tuple(sorted(ratio)), number, max_atoms)
+
+
+def _normalised(weights) -> np.ndarray:
+    weights = np.asarray(list(weights), dtype=float)
+    return weights / weights.sum()
+
+
+def _wyckoff_dict(crystal, number: int) -> dict:
+    """The generated crystal in the project's Wyckoff representation (pyxtal's tables are the ones ours derive from,
+    so letters and the representative site's coordinate triplet agree)."""
+    group = spacegroup(number)
+    orbits = []
+    for site in crystal.atom_sites:
+        position = group.wyckoff(site.wp.letter)
+        orbits.append((site.specie, position.letter, position.free_params_from_orbit(site.position)))
+    return WyckoffCrystal.from_orbits(number, crystal.lattice.get_para(degree=True), orbits).as_dict()

@@ -12,7 +12,7 @@ import os
 import warnings
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -26,6 +26,7 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 from tqdm import tqdm
 
 from wyckoff_lab.core.paths import DataUnavailableError, cache_dir, fetch_split, file_digest, find_split_file
+from wyckoff_lab.core.symmetry import quiet_spglib
 
 log = logging.getLogger(__name__)
 
@@ -348,25 +349,11 @@ def _parse_cif(job: tuple[Any, bool]) -> tuple[str | None, _ParsedCif | None]:
 
 
 def _spacegroup_number(structure: Structure) -> float:
-    with _quiet_spglib():
+    with quiet_spglib():
         try:
             return float(SpacegroupAnalyzer(structure, symprec=SPACEGROUP_SYMPREC).get_space_group_number())
         except Exception:  # noqa: BLE001 - spglib failing on a cell means "unknown", not a broken dataset
             return np.nan
-
-
-@contextlib.contextmanager
-def _quiet_spglib() -> Iterator[None]:
-    """Silence spglib's C-level messages ("ssm_get_exact_positions failed"), which it prints unless told not to."""
-    previous = os.environ.get("SPGLIB_WARNING")
-    os.environ["SPGLIB_WARNING"] = "OFF"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["SPGLIB_WARNING"]
-        else:
-            os.environ["SPGLIB_WARNING"] = previous
 
 
 def _write_cache(path: Path, dataset: CrystalDataset) -> None:

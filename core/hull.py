@@ -17,7 +17,7 @@ import numpy as np
 from ase.build import bulk
 from ase.data import covalent_radii
 from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
-from pymatgen.core import Composition, Element, Lattice, Structure
+from pymatgen.core import Element, Lattice, Structure
 
 from wyckoff_lab.core.paths import cache_dir, file_digest
 from wyckoff_lab.core.relax import LoadedPotential, RelaxResult, relax, resolve_potential

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -13,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pymatgen.core import Composition, Structure
+
+from wyckoff_lab.core.symmetry import quiet_spglib
 
 # --- thresholds, each from the seed that defines it ---------------------------------------------------------------
 STRUCT_MIN_DISTANCE = 0.5  # Å; structural validity (CDVAE protocol as restated by SymADiT / composable-crystals)
@@ -171,23 +171,9 @@ def analyze_symmetry(structures: Sequence[Structure], symprec: float = DEFAULT_S
     """`symmetry_info` of each structure (about 5 ms per MP-20 structure; a tqdm bar on stderr if `progress`)."""
     from tqdm import tqdm
 
-    with _quiet_spglib():
+    with quiet_spglib():
         return [symmetry_info(s, symprec)
                 for s in tqdm(structures, desc="symmetry", unit="crystal", disable=not progress, leave=False)]
-
-
-@contextlib.contextmanager
-def _quiet_spglib():
-    """Silence spglib's C-level "ssm_get_exact_positions failed" lines, which it prints unless told not to."""
-    previous = os.environ.get("SPGLIB_WARNING")
-    os.environ["SPGLIB_WARNING"] = "OFF"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("SPGLIB_WARNING", None)
-        else:
-            os.environ["SPGLIB_WARNING"] = previous
 
 
 def spacegroup_consistency(detected: Sequence[int | None], intended: Sequence[int | None]) -> np.ndarray:

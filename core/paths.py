@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import urllib.error
+import socket
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -19,11 +20,50 @@ PUBLIC_DATASET_URLS: dict[str, str] = {
     "perov_5": "https://raw.githubusercontent.com/txie-93/cdvae/main/data/perov_5/{split}.csv",
     "mpts_52": "https://raw.githubusercontent.com/jiaor17/DiffCSP/main/data/mpts_52/{split}.csv",
 }
-DOWNLOAD_TIMEOUT_S = 20
+CONNECT_TIMEOUT_S = 3
+DOWNLOAD_TIMEOUT_S = 30
 
 
 class DataUnavailableError(FileNotFoundError):
     """A dataset is neither in the data folder nor downloadable (offline, or not public)."""
+
+
+class DownloadError(OSError):
+    """A download that could not start or finish (offline, host unreachable, interrupted)."""
+
+
+def download(url: str, target: Path) -> Path:
+    """Fetch url into target (atomically, via a .part file), failing within seconds when offline.
+
+    The host is probed first in a thread, because DNS lookups ignore socket timeouts and would otherwise hang;
+    the download itself has a per-read timeout.
+    """
+    host = url.split("/")[2]
+    reachable: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT_S).close()
+            reachable.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT_S)
+    if not reachable:
+        raise DownloadError(f"{host} is unreachable (offline?)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+    except OSError as exc:  # URLError and timeouts are OSErrors
+        partial.unlink(missing_ok=True)
+        raise DownloadError(f"could not download {url} ({exc})") from None
+    partial.rename(target)
+    return target
 
 
 def cache_dir() -> Path:
@@ -67,21 +107,13 @@ def fetch_split(dataset: str, split: str) -> Path:
             f"set {DATA_ENV} to a folder that holds it"
         )
     url = url_template.format(split=split)
-    target = data_dir() / dataset / f"{split}.csv"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".csv.part")
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        partial.unlink(missing_ok=True)
+        return download(url, data_dir() / dataset / f"{split}.csv")
+    except DownloadError as exc:
         raise DataUnavailableError(
-            f"could not download {dataset}/{split} from {url} ({exc}); you seem to be offline. "
+            f"could not download {dataset}/{split}: {exc}; you seem to be offline. "
             f"Set {DATA_ENV} to a folder with {dataset}/{split}.csv[.gz]"
         ) from None
-    partial.rename(target)
-    return target
 
 
 def file_digest(path: Path, n_bytes: int = 1 << 16) -> str:

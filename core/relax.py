@@ -9,10 +9,7 @@ import json
 import logging
 import math
 import os
-import socket
-import threading
 import time
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +25,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from pymatgen.core import DummySpecies, Lattice, Structure
 from threadpoolctl import threadpool_limits
 
-from wyckoff_lab.core.paths import cache_dir, file_digest
+from wyckoff_lab.core.paths import DownloadError, cache_dir, download, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +39,6 @@ MATTERSIM_CACHE_DIR = "~/.local/mattersim/pretrained_models"
 MATTERSIM_URL = (
     f"https://raw.githubusercontent.com/microsoft/mattersim/main/pretrained_models/{MATTERSIM_CHECKPOINT_NAME}"
 )
-CONNECT_TIMEOUT_S = 3.0
-DOWNLOAD_TIMEOUT_S = 30.0
 
 # Graphs per forward pass; a batch of a few dozen small cells keeps memory modest on CPU and GPU alike.
 BATCH_SIZE = 32
@@ -316,41 +311,11 @@ def mattersim_checkpoint() -> Path:
         return path
     path = Path(MATTERSIM_CACHE_DIR).expanduser() / MATTERSIM_CHECKPOINT_NAME
     if not path.is_file():
-        _download(MATTERSIM_URL, path)
-    return path
-
-
-def _download(url: str, target: Path) -> None:
-    """Fetch url into target, failing within seconds when offline.
-
-    MatterSim's own downloader calls requests.get without a timeout, which can hang; this probes the host first
-    (in a thread, because DNS lookups ignore socket timeouts) and then downloads with a per-read timeout.
-    """
-    host = url.split("/")[2]
-    reachable: list[bool] = []
-
-    def probe() -> None:
         try:
-            socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT_S).close()
-            reachable.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(CONNECT_TIMEOUT_S)
-    if not reachable:
-        raise PotentialUnavailableError(f"no checkpoint at {target} and {host} is unreachable (offline?)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-    except OSError as exc:  # URLError and timeouts are OSErrors
-        partial.unlink(missing_ok=True)
-        raise PotentialUnavailableError(f"could not download {url} ({exc})") from None
-    partial.rename(target)
+            download(MATTERSIM_URL, path)
+        except DownloadError as exc:
+            raise PotentialUnavailableError(f"no MatterSim checkpoint at {path} and {exc}") from None
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------

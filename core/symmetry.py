@@ -7,9 +7,11 @@ needs neither pyxtal nor the network. `tabulate()` regenerates the resource; a t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,6 +19,20 @@ from importlib import resources
 import numpy as np
 
 RESOURCE = "spacegroups.json.gz"
+
+
+@contextlib.contextmanager
+def quiet_spglib():
+    """Silence spglib's C-level messages ("ssm_get_exact_positions failed"), which it prints unless told not to."""
+    previous = os.environ.get("SPGLIB_WARNING")
+    os.environ["SPGLIB_WARNING"] = "OFF"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SPGLIB_WARNING", None)
+        else:
+            os.environ["SPGLIB_WARNING"] = previous
 LATTICE_PARAMETER_NAMES = ("a", "b", "c", "alpha", "beta", "gamma")
 AXES = "xyz"
 

@@ -15,7 +15,7 @@ import numpy as np
 import spglib
 from pymatgen.core import Composition, Element, Lattice, Structure
 
-from wyckoff_lab.core.symmetry import SpaceGroupInfo, WyckoffPosition, spacegroup
+from wyckoff_lab.core.symmetry import SpaceGroupInfo, WyckoffPosition, quiet_spglib, spacegroup
 
 DEFAULT_SYMPREC = 0.1  # Å; the tolerance MP-20's own space-group labels were computed with
 DEFAULT_ANGLE_TOLERANCE = 5.0  # degrees
@@ -96,14 +96,16 @@ class WyckoffCrystal:
 
     @classmethod
     def _from_cell(cls, cell, symprec: float, angle_tolerance: float) -> "WyckoffCrystal":
-        dataset = spglib.get_symmetry_dataset(cell, symprec=symprec, angle_tolerance=angle_tolerance)
+        with quiet_spglib():
+            dataset = spglib.get_symmetry_dataset(cell, symprec=symprec, angle_tolerance=angle_tolerance)
         if dataset is None:
             raise WyckoffError(f"spglib found no symmetry at symprec={symprec}", "symmetry_detection")
         group = spacegroup(dataset.number)
         if dataset.hall_number != group.hall_number:
             # spglib's default is the first Hall setting; ask again in the ITA standard one our tables use.
-            dataset = spglib.get_symmetry_dataset(cell, symprec=symprec, angle_tolerance=angle_tolerance,
-                                                  hall_number=group.hall_number)
+            with quiet_spglib():
+                dataset = spglib.get_symmetry_dataset(cell, symprec=symprec, angle_tolerance=angle_tolerance,
+                                                      hall_number=group.hall_number)
             if dataset is None or dataset.number != group.number:
                 raise WyckoffError(f"could not standardise to the ITA setting of space group {group.number}",
                                    "setting")

@@ -157,3 +157,17 @@ def test_shipped_generator_refuses_what_it_cannot_do(shipped_generator):
     with pytest.raises(ValueError, match="impossible"):
         shipped_generator.generate(4, Conditions(formula="NaCl", spacegroup=225, template=(("Na", "4a"), ("Cl", "4a"))))
     assert VOCAB.pad == 0
+
+
+def test_key_value_cache_matches_full_forward():
+    torch.manual_seed(0)
+    model = WyckoffTransformer(TINY).eval()
+    crystal = WyckoffCrystal.from_orbits(186, [3.25, 3.25, 5.2, 90, 90, 120],
+                                         [("Zn", "2b", [0.0]), ("O", "2b", [0.382])])
+    seq = encode(crystal, "low")
+    tokens, values, kinds = (torch.as_tensor(a)[None] for a in (seq.tokens, seq.values, seq.kinds))
+    full = model(tokens, values, kinds)
+    cache = model.new_cache(1)
+    steps = [model(tokens[:, t:t + 1], values[:, t:t + 1], kinds[:, t:t + 1], cache=cache, start=t)
+             for t in range(tokens.shape[1])]
+    assert torch.allclose(full, torch.cat(steps, dim=1), atol=1e-5)

@@ -98,21 +98,26 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x: (B, T, d). With a cache of past keys/values, x holds only the new positions."""
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0):
+        """x: (B, T, d). With a preallocated (keys, values) cache, x holds the positions start..start+T-1: their
+        keys/values are written in place (no growing concatenation) and they attend to everything before them."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
-        # Training sees whole sequences (causal mask); sampling feeds one new position that sees all cached ones.
-        if cache is not None and T > 1:
-            raise ValueError("with a key/value cache, feed one position at a time")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            if T != 1:
+                raise ValueError("with a key/value cache, feed one position at a time")
+            keys, values = cache
+            keys[:, :, start] = k[:, :, 0]
+            values[:, :, start] = v[:, :, 0]
+            # One query against the cached prefix: two small matmuls beat SDPA on strided cache views.
+            scores = (q @ keys[:, :, :start + 1].transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            y = torch.softmax(scores, dim=-1) @ values[:, :, :start + 1]
         y = y.transpose(1, 2).contiguous().view(B, T, d)
-        return self.out(y), (k, v)
+        return self.out(y)
 
 
 class Block(nn.Module):
@@ -124,11 +129,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.d_model, 4 * config.d_model), nn.GELU(),
                                  nn.Linear(4 * config.d_model, config.d_model), nn.Dropout(config.dropout))
 
-    def forward(self, x, cache=None):
-        h, new_cache = self.attn(self.ln1(x), cache)
-        x = x + h
-        x = x + self.mlp(self.ln2(x))
-        return x, new_cache
+    def forward(self, x, cache=None, start: int = 0):
+        x = x + self.attn(self.ln1(x), cache, start)
+        return x + self.mlp(self.ln2(x))
 
 
 class WyckoffTransformer(nn.Module):
@@ -171,14 +174,18 @@ class WyckoffTransformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds max_len={self.config.max_len}")
         return x + self.pos_table[start:start + T]
 
+    def new_cache(self, batch_size: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (keys, values) buffers for `max_len` positions, filled in place while sampling."""
+        c = self.config
+        shape = (batch_size, c.n_heads, c.max_len, c.d_model // c.n_heads)
+        return [(torch.zeros(shape, device=device), torch.zeros(shape, device=device)) for _ in range(c.n_layers)]
+
     def forward(self, tokens, values, kinds, cache=None, start: int = 0):
-        """Hidden states (B, T, d) and the updated per-layer key/value cache."""
+        """Hidden states (B, T, d). With `cache` (from `new_cache`), tokens are the single position `start`."""
         x = self.drop(self.embed(tokens, values, kinds, start))
-        new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, None if cache is None else cache[i])
-            new_cache.append(layer_cache)
-        return self.ln_f(x), new_cache
+            x = block(x, None if cache is None else cache[i], start)
+        return self.ln_f(x)
 
     def discrete_logits(self, hidden):
         return self.discrete_head(hidden)
@@ -190,7 +197,7 @@ class WyckoffTransformer(nn.Module):
 
     def loss(self, tokens, values, kinds, pad_mask):
         """Mean cross-entropy over next discrete tokens + mean NLL (or MSE) over next continuous values."""
-        hidden, _ = self(tokens[:, :-1], values[:, :-1], kinds[:, :-1])
+        hidden = self(tokens[:, :-1], values[:, :-1], kinds[:, :-1])
         target_tokens, target_values, target_kinds = tokens[:, 1:], values[:, 1:], kinds[:, 1:]
         valid = pad_mask[:, 1:]
         discrete = valid & (target_kinds == 0)

@@ -46,12 +46,12 @@ def _sample_batch(model, states, temperature, top_p, generator, device) -> None:
     tokens = torch.full((B, 1), VOCAB.bos, dtype=torch.long, device=device)
     values = torch.zeros((B, 1), device=device)
     kinds = torch.zeros((B, 1), dtype=torch.long, device=device)
-    cache = None
+    cache = model.new_cache(B, device)
     for step in range(model.config.max_len - 1):
         active = [i for i, s in enumerate(states) if not s.done]
         if not active:
             return
-        hidden, cache = model(tokens, values, kinds, cache=cache, start=step)
+        hidden = model(tokens, values, kinds, cache=cache, start=step)
         hidden = hidden[:, -1]
         next_tokens = torch.full((B,), VOCAB.pad, dtype=torch.long)
         next_values = torch.zeros(B)

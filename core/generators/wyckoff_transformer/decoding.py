@@ -138,6 +138,8 @@ class DecodingState:
         self.orbit_position: WyckoffPosition | None = None
         self.pending_kinds: list[int] = []  # continuous kinds still to emit (free parameters, then lattice)
         self.template_left = list(plan.template)
+        self.orbit_params: list[float] = []  # free parameters of the orbit being written
+        self.placed_sites: list[np.ndarray] = []  # fractional sites of the finished orbits
         self.failure: str | None = None
 
     @property
@@ -262,6 +264,32 @@ class DecodingState:
             if self._placeable(el, wp, used):
                 allowed[VOCAB.element(el)] = True
 
+    # -- continuous values: keep atoms apart -----------------------------------------------------------------
+
+    def closes_orbit(self) -> bool:
+        """True when the next value is the last free parameter of an orbit (its sites are then fully known)."""
+        return self.phase == "wyckoff" and len(self.pending_kinds) == 1 and self.orbit_position is not None
+
+    def min_separation(self, value: float) -> float:
+        """Smallest fractional distance between the orbit that `value` completes and every site placed so far
+        (its own images included), measured in units of a provisional cubic cell.
+
+        The lattice is decoded last, so distances are judged on a cube of ~12 Å^3 per atom: anisotropic cells make
+        this approximate, but it removes most collisions of whole orbits and of an orbit with its own images.
+        """
+        sites = self.orbit_position.orbit(self.orbit_params + [value])
+        others = np.concatenate(self.placed_sites + [sites]) if self.placed_sites else sites
+        delta = sites[:, None, :] - others[None, :, :]
+        delta -= np.round(delta)
+        distances = np.linalg.norm(delta, axis=-1)
+        n_placed = len(others) - len(sites)
+        distances[np.arange(len(sites)), n_placed + np.arange(len(sites))] = np.inf  # a site vs itself
+        return float(distances.min())
+
+    def separation_threshold(self, min_distance_A: float = 0.7) -> float:
+        n_atoms = sum(n * self.sg.factor for n in self.counts)
+        return min_distance_A / (12.0 * n_atoms) ** (1 / 3)
+
     # -- advance ------------------------------------------------------------------------------------------------
 
     def push(self, token: int, value: float = 0.0) -> None:
@@ -274,6 +302,10 @@ class DecodingState:
             self.pending_kinds.pop(0)
             if not np.isfinite(value):
                 self.failure = "non_finite_value"
+            elif self.phase == "wyckoff":
+                self.orbit_params.append(float(value))
+                if not self.pending_kinds:
+                    self._finish_orbit()
             elif not self.pending_kinds and self.phase == "lattice":
                 self.phase = "done"
             return
@@ -311,6 +343,13 @@ class DecodingState:
                 self.template_left.pop(0)
             self.pending_kinds = [1 + axis for axis in self.orbit_position.free_axes]
             self.phase = "wyckoff"
+            if not self.pending_kinds:
+                self._finish_orbit()
+
+    def _finish_orbit(self) -> None:
+        self.placed_sites.append(self.orbit_position.orbit(self.orbit_params))
+        self.orbit_params = []
+        self.orbit_position = None
 
     def fail(self, reason: str) -> None:
         self.failure = reason

@@ -78,7 +78,7 @@ def _sample_batch(model, states, temperature, top_p, generator, device) -> None:
         if continuous:
             wanted = torch.tensor([states[i].next_kind() for i in continuous], device=device)
             params = model.continuous_params(hidden[continuous], wanted).float()
-            drawn = sample_continuous(params, wanted, model.config, temperature, generator).cpu()
+            drawn = _draw_separated(states, continuous, params, wanted, model.config, temperature, generator)
             for row, i in enumerate(continuous):
                 kind = int(wanted[row])
                 states[i].push(VOCAB.num, float(drawn[row]))
@@ -90,3 +90,23 @@ def _sample_batch(model, states, temperature, top_p, generator, device) -> None:
     for state in states:
         if not state.done:
             state.fail("max_len")
+
+
+def _draw_separated(states, rows, params, kinds, config, temperature, generator, tries: int = 8) -> torch.Tensor:
+    """Draw one value per row; where a value completes an orbit, draw `tries` candidates from the same
+    distribution and keep the first whose sites stay clear of the atoms already placed (else the best one)."""
+    drawn = sample_continuous(params, kinds, config, temperature, generator).cpu()
+    closing = [r for r, i in enumerate(rows) if states[i].closes_orbit()]
+    if not closing:
+        return drawn
+    index = torch.tensor(closing)
+    extra = sample_continuous(params[index].repeat(tries - 1, 1), kinds[index].repeat(tries - 1), config,
+                              temperature, generator).cpu().view(tries - 1, len(closing))
+    for k, r in enumerate(closing):
+        state = states[rows[r]]
+        threshold = state.separation_threshold()
+        options = [float(drawn[r])] + [float(v) for v in extra[:, k]]
+        separations = [state.min_separation(v) for v in options]
+        accepted = next((v for v, d in zip(options, separations) if d >= threshold), None)
+        drawn[r] = accepted if accepted is not None else options[int(np.argmax(separations))]
+    return drawn

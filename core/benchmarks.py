@@ -79,14 +79,12 @@ def sample_structures(generator: Generator, n: int, conditions: Conditions, temp
     attempts, seconds, round_ = 0, 0.0, 0
     bar = _bar(n, desc, "crystal", progress)
     while len(candidates) < n and attempts < ATTEMPTS_PER_STRUCTURE * n:
-        have = len(candidates)
-
-        def report(done: int, total: int) -> None:
+        def report(done: int, total: int, have: int = len(candidates)) -> None:
             bar.n = min(n, have + done)
             bar.refresh()
 
         round_seed = seed if round_ == 0 else int(np.random.SeedSequence([seed, round_]).generate_state(1)[0])
-        result = generator.generate(n - have, conditions, temperature, round_seed, report)
+        result = generator.generate(n - len(candidates), conditions, temperature, round_seed, report)
         candidates += result.candidates
         failures.update(result.failures)
         attempts += result.attempts
@@ -259,7 +257,7 @@ def select_held_out_systems(held_out: pd.DataFrame, train_systems: Iterable[str]
     train_elements = {el for system in train_systems for el in system.split("-")}
     rows = held_out[held_out["chemsys"].str.count("-") == n_elements - 1]
     rows = rows[~rows["chemsys"].isin(train_systems)]
-    rows = rows[[set(system.split("-")) <= train_elements for system in rows["chemsys"]]]
+    rows = rows[rows["chemsys"].map(lambda system: set(system.split("-")) <= train_elements).astype(bool)]
     distinct = rows.drop_duplicates(["chemsys", "formula", "spacegroup"])["chemsys"].value_counts()
     count = rows["chemsys"].value_counts()
     return sorted(count.index, key=lambda system: (-distinct[system], -count[system], system))[:limit]
@@ -328,9 +326,10 @@ def _fits(matcher, a: Structure, b: Structure) -> bool:
         return False
 
 
-def recovered_within(first: Sequence[int | None], budgets: Sequence[int]) -> dict[str, int]:
-    """Known structures matched within the first `b` samples, for each budget b."""
-    return {str(b): sum(f is not None and f < b for f in first) for b in budgets}
+def count_within(indices: Sequence[int | None], budgets: Sequence[int]) -> dict[str, int]:
+    """Per budget b, how many of `indices` (sample indices; None: never) lie within the first b samples, e.g. the
+    known structures recovered by then, given their `first_matches`."""
+    return {str(b): sum(i is not None and i < b for i in indices) for b in budgets}
 
 
 def recovery_table(systems: dict, generators: Sequence[str], budgets: Sequence[int], totals: dict) -> str:

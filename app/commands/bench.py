@@ -1,4 +1,9 @@
-"""`wyckoff-lab bench generate`: throughput and sample quality of generators, run side by side on one machine."""
+"""`wyckoff-lab bench`: generators side by side on one machine.
+
+`generate`: throughput and sample quality. `sun`: S.U.N. and M.S.U.N. after relaxing every sample with an ML potential
+and placing it on an ML hull of MP-20 references. `recover`: how many known, held-out MP-20 structures of a few
+ternary systems a generator finds within a sampling budget (the Al-Ca-Cu experiment of Matra-Genoa, Sec. II.C).
+"""
 
 from __future__ import annotations
 
@@ -32,6 +37,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_generate)
 
+    p = actions.add_parser("sun", help="S.U.N. / M.S.U.N. rates after ML relaxation and ML hulls")
+    p.add_argument("--n", type=int, default=200, help="structures per generator (failed attempts are retried)")
+    p.add_argument("--relax", default=None, metavar="POTENTIAL",
+                   help="chgnet or mattersim, for samples and hull references alike (default: MatterSim if it "
+                        "can be had, else CHGNet)")
+    p.add_argument("--generators", default="wyckoff-transformer,pyxtal", help="comma-separated generator names")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--stability", choices=["low", "high"], default=None,
+                   help="stability token to condition on, for generators that support it (the transformer)")
+    p.add_argument("--max-references", type=int, default=3,
+                   help="hull references: the N lowest-DFT-energy MP-20 polymorphs per formula (default 3; 0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_sun)
+
+    p = actions.add_parser("recover", help="known held-out MP-20 structures found within sampling budgets")
+    p.add_argument("--systems", default="auto",
+                   help="'auto' (held-out ternary systems chosen from MP-20) or comma-separated systems, "
+                        "e.g. Al-Ca-Cu,Ga-La-O")
+    p.add_argument("--budgets", default="100,500,2000", help="comma-separated sample counts to report at")
+    p.add_argument("--generators", default="wyckoff-transformer,pyxtal", help="comma-separated generator names")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--relax", default=None, metavar="POTENTIAL",
+                   help="also match each sample of a known formula after a short relaxation with this potential "
+                        "(chgnet or mattersim; default: no relaxation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device for --relax (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_recover)
+
 
 def run_generate(args: argparse.Namespace) -> int:
     from wyckoff_lab.core.generators import get_generator
@@ -40,9 +76,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise CommandError(f"--n must be at least 1, got {args.n}")
     temperatures = _parse_temperatures(args.temperatures)
-    names = [name.strip() for name in args.generators.split(",") if name.strip()]
-    if not names:
-        raise CommandError("--generators names no generator")
+    names = _parse_names(args.generators)
     progress = sys.stderr.isatty()
     try:
         train, test_stats = load_references(args.symprec, progress)
@@ -129,6 +163,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _parse_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise CommandError("--generators names no generator")
+    return names
+
+
 def _parse_temperatures(text: str) -> list[float]:
     try:
         values = [float(t) for t in text.split(",") if t.strip()]
@@ -155,4 +196,310 @@ def format_report(report: dict) -> str:
             cells = [f"{row['valid_per_min']:.1f}"] + ["n/a" if row[k] is None else f"{row[k]:.3f}" for k in RATE_KEYS]
             lines.append(" ".join([name.ljust(widths[0]), temperature.ljust(widths[1])]
                                   + [c.rjust(w) for c, w in zip(cells, widths[2:])]))
+    return "\n".join(lines)
+
+
+# -- bench sun -------------------------------------------------------------------------------------------------------
+
+
+TRANSFORMER, PYXTAL = "wyckoff-transformer", "pyxtal"
+
+
+def run_sun(args: argparse.Namespace) -> int:
+    from wyckoff_lab.core.benchmarks import HullBook
+    from wyckoff_lab.core.datasets import load_dataset
+    from wyckoff_lab.core.generators import get_generator
+    from wyckoff_lab.core.metrics import ReferenceIndex
+    from wyckoff_lab.core.paths import DataUnavailableError
+    from wyckoff_lab.core.relax import PotentialError, resolve_potential
+
+    if args.n < 1:
+        raise CommandError(f"--n must be at least 1, got {args.n}")
+    if not math.isfinite(args.temperature) or args.temperature <= 0:
+        raise CommandError(f"--temperature must be a positive number, got {args.temperature}")
+    if args.max_references < 0:
+        raise CommandError(f"--max-references must be 0 (all) or more, got {args.max_references}")
+    names = _parse_names(args.generators)
+    progress = sys.stderr.isatty()
+    try:
+        potential = resolve_potential(args.relax, args.device)
+    except PotentialError as exc:
+        raise CommandError(str(exc)) from None
+    try:  # before any relaxation, so a missing dataset fails fast
+        train = ReferenceIndex(load_dataset("mp_20", "train", progress=progress).structures)
+    except DataUnavailableError as exc:
+        raise CommandError(f"S.U.N. needs MP-20 (train for novelty, all splits for hulls): {exc}") from None
+
+    book = HullBook(potential, args.max_references or None)
+    report: dict = {"machine": machine_info(), "n": args.n, "potential": potential.name,
+                    "potential_identity": potential.identity, "temperature": args.temperature,
+                    "stability": args.stability, "max_references": args.max_references, "seed": args.seed,
+                    "generators": {}}
+    for name in names:
+        try:
+            generator = get_generator(name)
+        except ValueError as exc:  # unknown name, or weights not shipped / unreadable (ModelLoadError)
+            report["generators"][name] = {"error": str(exc)}
+            continue
+        report["generators"][name] = sun_of_generator(generator, args, potential, book, train, progress)
+    rates = {name: row.get("sun_rate") for name, row in report["generators"].items()}
+    report["sun_ratio_transformer_over_pyxtal"] = (
+        rates[TRANSFORMER] / rates[PYXTAL] if rates.get(TRANSFORMER) is not None and rates.get(PYXTAL) else None)
+    report["hull_systems"] = len(book.seconds)
+    report["hull_systems_from_cache"] = sum(book.from_cache.values())
+    report["hull_total_s"] = round(sum(book.seconds.values()), 2)
+    report = _strict(report)
+    emit(report, args.json, format_sun(report))
+    return 0
+
+
+def sun_of_generator(generator, args: argparse.Namespace, potential, book, train, progress: bool) -> dict:
+    """Sample, relax every structure, place it on its system's hull, then count S.U.N. and M.S.U.N.
+
+    The stability condition goes only to generators that honour it: PyXtal has no such control, and refusing the
+    whole run for it would leave the baseline out.
+    """
+    from collections import Counter
+
+    from wyckoff_lab.core.benchmarks import place_on_hulls, relax_all, sample_structures, sun_summary
+    from wyckoff_lab.core.generators import Conditions
+    from wyckoff_lab.core.hull import USABLE_STATUSES
+
+    stability = args.stability if "stability" in generator.supported_conditions else None
+    sample = sample_structures(generator, args.n, Conditions(stability=stability), args.temperature, args.seed,
+                               progress, desc=f"{generator.name} sampling")
+    results, relax_s = relax_all([c.structure for c in sample.candidates], potential, progress=progress,
+                                 desc=f"{generator.name} relaxing")
+    placement = place_on_hulls(results, book, progress)
+    usable = [r.status in USABLE_STATUSES for r in results]
+    relaxed = [r.final if ok else r.initial for r, ok in zip(results, usable)]
+    statuses = Counter(r.status for r in results)
+    return {"stability_condition": stability, "requested": sample.requested, "structures": len(sample.candidates),
+            "attempts": sample.attempts, "generation_failures": sample.failures,
+            "generation_s": round(sample.seconds, 2),
+            "relaxed": sum(usable), "converged": statuses["converged"], "relax_status": dict(statuses),
+            "relax_s": round(relax_s, 2), "hull_systems": len(placement.systems),
+            "hull_s": round(placement.seconds(book), 2), "hull_failed": placement.n_hull_failed,
+            "hull_failures": placement.failures} | sun_summary(relaxed, placement.e_above_hull, train)
+
+
+def _strict(value):
+    """NaN and infinities become None, so `--json` prints strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
+def format_sun(report: dict) -> str:
+    def pct(row, rate, count):
+        return "n/a" if row[rate] is None else f"{100 * row[rate]:.1f}% ({row[count]})"
+
+    def ev(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    machine = report["machine"]
+    lines = [f"{machine['cpu']} ({machine['cores']} cores), device {machine['device']}; potential "
+             f"{report['potential']}, n={report['n']} per generator, T={report['temperature']:g}, stability "
+             f"{report['stability'] or 'not conditioned'}, seed {report['seed']}", ""]
+    header = ("generator", "n", "relaxed", "conv.", "S.U.N.", "M.S.U.N.", "E_hull mean", "median", "relax s",
+              "hull s")
+    widths = (20, 5, 8, 6, 14, 14, 12, 8, 9, 9)
+    lines.append(" ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    for name, row in report["generators"].items():
+        if "error" in row:
+            lines.append(f"{name.ljust(widths[0])} error: {row['error']}")
+            continue
+        cells = [str(row["structures"]), str(row["relaxed"]), str(row["converged"]),
+                 pct(row, "sun_rate", "n_sun"), pct(row, "msun_rate", "n_msun"), ev(row["e_above_hull_mean"]),
+                 ev(row["e_above_hull_median"]), f"{row['relax_s']:.1f}", f"{row['hull_s']:.1f}"]
+        lines.append(" ".join([name.ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells, widths[1:])]))
+    lines.append("")
+    for name, row in report["generators"].items():
+        if "error" in row:
+            continue
+        failures = f" (failed: {row['generation_failures']})" if row["generation_failures"] else ""
+        lines.append(f"{name}: {row['attempts']} attempts for {row['structures']} structures{failures}; "
+                     f"relaxations {row['relax_status']}; {row['hull_failed']} left without a hull; "
+                     f"{row['hull_systems']} chemical systems")
+        for system, reason in row["hull_failures"].items():
+            lines.append(f"  no hull for {system}: {reason}")
+    ratio = report["sun_ratio_transformer_over_pyxtal"]
+    if TRANSFORMER in report["generators"] and PYXTAL in report["generators"]:
+        lines.append(f"S.U.N. ratio {TRANSFORMER} / {PYXTAL}: {'n/a' if ratio is None else f'{ratio:.2f}'}")
+    lines.append(f"{report['hull_systems']} hulls ({report['hull_systems_from_cache']} from cache) in "
+                 f"{report['hull_total_s']:.1f} s")
+    return "\n".join(lines)
+
+
+# -- bench recover ---------------------------------------------------------------------------------------------------
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from wyckoff_lab.core.benchmarks import (
+        AUTO_SELECTION_RULE,
+        MAX_AUTO_SYSTEMS,
+        RECOVER_RELAX_STEPS,
+        known_structures,
+        mp20_train_systems,
+        recovery_table,
+        select_held_out_systems,
+    )
+    from wyckoff_lab.core.datasets import load_dataset
+    from wyckoff_lab.core.generators import get_generator
+    from wyckoff_lab.core.paths import DataUnavailableError
+    from wyckoff_lab.core.relax import PotentialError, resolve_potential
+
+    budgets = _parse_budgets(args.budgets)
+    names = _parse_names(args.generators)
+    auto = args.systems.strip() == "auto"
+    systems = None if auto else _parse_systems(args.systems)
+    if not math.isfinite(args.temperature) or args.temperature <= 0:
+        raise CommandError(f"--temperature must be a positive number, got {args.temperature}")
+    progress = sys.stderr.isatty()
+    try:
+        potential = resolve_potential(args.relax, args.device) if args.relax else None
+    except PotentialError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        held_out = [load_dataset("mp_20", split, progress=progress) for split in ("val", "test")]
+        train_systems = mp20_train_systems()
+    except DataUnavailableError as exc:
+        raise CommandError(f"the recovery benchmark needs MP-20 (val and test hold the known structures): "
+                           f"{exc}") from None
+    if auto:
+        systems = select_held_out_systems(pd.concat([d.frame for d in held_out]), train_systems)
+        selection = AUTO_SELECTION_RULE.format(limit=MAX_AUTO_SYSTEMS)
+    else:
+        selection = "given with --systems"
+    known = {system: known_structures(system, held_out) for system in systems}
+    empty = [system for system, (structures, _) in known.items() if not structures]
+    if empty:
+        raise CommandError(f"no MP-20 val/test structure in {', '.join(empty)}: nothing to recover")
+
+    generators = {}
+    for name in names:
+        try:
+            generators[name] = get_generator(name)
+        except ValueError as exc:  # unknown name, or weights not shipped / unreadable (ModelLoadError)
+            generators[name] = exc
+    report: dict = {"machine": machine_info(), "budgets": budgets, "temperature": args.temperature,
+                    "seed": args.seed, "relax": potential.name if potential else None,
+                    "relax_steps": RECOVER_RELAX_STEPS if potential else None, "selection": selection,
+                    "systems": {}}
+    for system in systems:
+        structures, rows = known[system]
+        entries = {}
+        for name, generator in generators.items():
+            if isinstance(generator, Exception):
+                entries[name] = {"known": len(structures), "error": str(generator)}
+            else:
+                entries[name] = recover_with(generator, system, structures, budgets, args, potential, progress)
+        report["systems"][system] = {"known": len(structures), "held_out_rows": rows,
+                                     "in_train": system in train_systems,
+                                     "known_structures": [k.describe() for k in structures], "generators": entries}
+    report["totals"] = _recovery_totals(report["systems"], names, budgets)
+    report["table"] = recovery_table(report["systems"], names, budgets, report["totals"])
+    emit(report, args.json, format_recover(report))
+    return 0
+
+
+def recover_with(generator, system: str, known, budgets: list[int], args: argparse.Namespace, potential,
+                 progress: bool) -> dict:
+    """Sample max(budgets) structures of one chemical system and find the known structures among them.
+
+    With a potential, samples whose reduced formula is a known one are also tried after a short relaxation; the
+    formula filter keeps that to a small share of the samples.
+    """
+    from collections import Counter
+
+    from wyckoff_lab.core.benchmarks import (
+        RECOVER_RELAX_STEPS,
+        count_within,
+        first_matches,
+        relax_all,
+        sample_structures,
+    )
+    from wyckoff_lab.core.generators import Conditions
+    from wyckoff_lab.core.hull import USABLE_STATUSES
+
+    try:
+        sample = sample_structures(generator, max(budgets), Conditions(elements=tuple(system.split("-"))),
+                                   args.temperature, args.seed, progress, desc=f"{generator.name} {system}")
+    except ValueError as exc:  # a condition the generator cannot honour (e.g. an element it never saw)
+        return {"known": len(known), "error": str(exc)}
+    structures = [c.structure for c in sample.candidates]
+    formulas = {k.formula for k in known}
+    # Samples of a known formula: the only ones that can match, so the only ones worth relaxing.
+    chosen = [i for i, s in enumerate(structures) if s.composition.reduced_formula in formulas]
+    forms = [[structure] for structure in structures]
+    entry: dict = {}
+    if potential is not None:
+        results, relax_s = relax_all([structures[i] for i in chosen], potential, RECOVER_RELAX_STEPS, progress,
+                                     desc=f"{generator.name} {system} relaxing")
+        for i, result in zip(chosen, results):
+            if result.status in USABLE_STATUSES:
+                forms[i].append(result.final)
+        entry = {"relax_status": dict(Counter(r.status for r in results)), "relax_s": round(relax_s, 2)}
+    start = time.perf_counter()
+    first = first_matches(forms, known)
+    return {"known": len(known), "recovered": count_within(first, budgets),
+            "first_match_sample": {k.material_id: None if f is None else f + 1 for k, f in zip(known, first)},
+            "known_formula_samples": count_within(chosen, budgets),
+            "structures": len(structures), "attempts": sample.attempts, "failures": sample.failures,
+            "sampling_s": round(sample.seconds, 2), "matching_s": round(time.perf_counter() - start, 2)} | entry
+
+
+def _recovery_totals(systems: dict, names: list[str], budgets: list[int]) -> dict:
+    """Per generator: known and recovered summed over the systems it ran on (failed systems are listed)."""
+    totals = {}
+    for name in names:
+        entries = {system: data["generators"][name] for system, data in systems.items()}
+        ran = [e for e in entries.values() if "error" not in e]
+        totals[name] = {"known": sum(e["known"] for e in ran),
+                        "recovered": {str(b): sum(e["recovered"][str(b)] for e in ran) for b in budgets},
+                        "failed_systems": [system for system, e in entries.items() if "error" in e]}
+    return totals
+
+
+def _parse_budgets(text: str) -> list[int]:
+    try:
+        budgets = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise CommandError(f"--budgets takes comma-separated whole numbers, got {text!r}") from None
+    if not budgets or budgets[0] < 1:
+        raise CommandError(f"--budgets must be positive whole numbers, got {text!r}")
+    return budgets
+
+
+def _parse_systems(text: str) -> list[str]:
+    """'Al-Ca-Cu, Ga-La-O' -> ['Al-Ca-Cu', 'Ga-La-O'], elements checked and sorted as MP-20 writes chemsys."""
+    from pymatgen.core import Element
+
+    systems = []
+    for item in text.split(","):
+        elements = sorted({e.strip() for e in item.split("-") if e.strip()})
+        unknown = [e for e in elements if not Element.is_valid_symbol(e)]
+        if unknown or not elements:
+            raise CommandError(f"--systems: cannot read {item.strip()!r} as a chemical system like Al-Ca-Cu")
+        systems.append("-".join(elements))
+    return list(dict.fromkeys(systems))
+
+
+def format_recover(report: dict) -> str:
+    lines = [f"budgets {', '.join(map(str, report['budgets']))}; T={report['temperature']:g}, seed {report['seed']}; "
+             f"systems: {report['selection']}"]
+    if report["relax"]:
+        lines.append(f"samples of a known formula also matched after {report['relax_steps']} FIRE steps with "
+                     f"{report['relax']}")
+    lines += ["", report["table"]]
+    for system, data in report["systems"].items():
+        for name, entry in data["generators"].items():
+            if "error" in entry:
+                lines.append(f"{name} on {system}: {entry['error']}")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MATTERSIM := mattersim==1.2.3
 SHARED_DATA := $(abspath ../shared/data)
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,24 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Starts the app on 127.0.0.1:8050 and opens the browser (PORT=... and ARGS="--no-browser" to change that).
+PORT ?= 8050
 run: $(STAMP)
-	$(BIN)/wyckoff-lab --help
+	@if [ -z "$$WYCKOFF_LAB_DATA" ] && [ -d "$(SHARED_DATA)" ]; then export WYCKOFF_LAB_DATA="$(SHARED_DATA)"; fi; \
+	$(BIN)/wyckoff-lab app --port $(PORT) $(ARGS)
+
+# Headless Chromium for the end-to-end test: installed from Debian when missing and running as root (idempotent);
+# otherwise that test is skipped with the reason.
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+				>/dev/null) || echo "could not install chromium: the browser test will be skipped"; \
+		else echo "chromium not installed and not root: the browser test will be skipped"; fi; \
+	fi
 
 # WYCKOFF_LAB_DATA defaults to the sibling shared/data folder when it exists; tests skip data-bound checks otherwise.
-test: $(STAMP)
+test: $(STAMP) chromium
 	@if [ -z "$$WYCKOFF_LAB_DATA" ] && [ -d "$(SHARED_DATA)" ]; then export WYCKOFF_LAB_DATA="$(SHARED_DATA)"; fi; \
 	$(BIN)/python -m pytest -q -ra tests
 

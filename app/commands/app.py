@@ -1,0 +1,83 @@
+"""`wyckoff-lab app`: serve the Wyckoff Lab web app on this machine and open it in the browser."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+import urllib.request
+
+from wyckoff_lab.app.cli import CommandError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("app", help="start the Wyckoff Lab app (Dash + Crystal Toolkit) in the browser")
+    p.add_argument("--port", type=int, default=8050, help="port to listen on (default 8050)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: only this machine can connect)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    p.add_argument("--potential", default=None, choices=("mattersim", "chgnet"),
+                   help="relaxation potential (default: MatterSim when its checkpoint can be had, else CHGNet)")
+    p.add_argument("--generator", default=None,
+                   help="generator selected at start (default: the Wyckoff transformer, else PyXtal)")
+    p.add_argument("--elements", default="", help="preselect a chemical system, e.g. Al,Ca,Cu")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--relax-max-steps", type=int, default=300,
+                   help="FIRE steps per relaxation, candidates and hull references alike (default 300)")
+    p.add_argument("--samples", type=int, default=100, help="number of samples preset in the form (default 100)")
+    p.add_argument("--debug", action="store_true", help="Dash debug mode (dev tools, reloading)")
+    p.set_defaults(func=run)
+
+
+def wait_until_up(url: str, timeout_s: float = 60.0) -> bool:
+    """Poll `url` until the server answers (so the browser never opens on a connection error)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def run(args: argparse.Namespace) -> int:
+    import socket
+
+    started = time.perf_counter()
+    with socket.socket() as probe:
+        # As the server itself does: connections of a previous run in TIME_WAIT must not block the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); "
+                               "is the app already running? try --port") from None
+
+    from wyckoff_lab.widgets.context import LabContext, LabSettings
+    from wyckoff_lab.widgets.explorer import create_app
+
+    if args.relax_max_steps < 0 or args.samples < 1:
+        raise CommandError("--relax-max-steps must be >= 0 and --samples >= 1")
+    context = LabContext(LabSettings(potential=args.potential, device=args.device, default_generator=args.generator,
+                                     relax_max_steps=args.relax_max_steps, default_samples=args.samples))
+    elements = [e.strip() for e in args.elements.split(",") if e.strip()]
+    app = create_app(context, elements=elements)
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}/"
+
+    def announce():
+        if wait_until_up(url):
+            print(f"Wyckoff Lab is running at {url} (ready in {time.perf_counter() - started:.1f} s); "
+                  "press Ctrl+C to stop", flush=True)
+            if not args.no_browser:
+                import webbrowser
+
+                webbrowser.open(url)
+
+    threading.Thread(target=announce, daemon=True).start()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING if args.verbose else logging.ERROR)
+    app.run(host=args.host, port=args.port, debug=args.debug, use_reloader=False, threaded=True)
+    return 0

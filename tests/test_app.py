@@ -1,0 +1,470 @@
+"""Unit tests of the app: the compatibility module, the pieces behind each step, and callbacks through Dash's own
+HTTP endpoint (as the browser calls them), without a browser."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+from wyckoff_lab.widgets import compat
+
+
+@pytest.fixture(scope="module")
+def ctc():
+    return compat.crystal_toolkit_components()
+
+
+SYSTEM = ("Al", "Ca", "Cu")
+
+
+def _in_system(elements: str) -> bool:
+    import ast
+
+    return set(ast.literal_eval(elements)) <= set(SYSTEM)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """Real MP-20 rows inside Al–Ca–Cu (novelty, hull references) plus a few others from every split, so that the
+    tests' fresh cache parses them in seconds rather than all of MP-20 in minutes."""
+    import os
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = os.environ.get("WYCKOFF_LAB_DATA")
+    if not root or not (Path(root) / "mp_20" / "train.csv.gz").is_file():
+        pytest.skip("WYCKOFF_LAB_DATA is not set or has no MP-20 (the README says how to get it)")
+    out = tmp_path_factory.mktemp("data") / "mp_20"
+    out.mkdir()
+    for name in ("train", "val", "test", "train_meta_nocoords"):
+        table = pd.read_csv(Path(root) / "mp_20" / f"{name}.csv.gz")
+        table[table["elements"].map(_in_system) | (table.index < 10)].to_csv(out / f"{name}.csv.gz", index=False)
+    return out.parent
+
+
+@pytest.fixture
+def context(tmp_path, small_data, monkeypatch):
+    from wyckoff_lab.widgets.context import LabContext, LabSettings
+
+    monkeypatch.setenv("WYCKOFF_LAB_DATA", str(small_data))
+    context = LabContext(LabSettings(warm_up=False, work_dir=tmp_path / "work", relax_max_steps=8,
+                                     potential="chgnet", hull_max_references=1))
+    yield context
+    context.sessions.close()
+
+
+def rocksalt() -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+# -- compatibility ----------------------------------------------------------------------------------------------------
+
+
+def test_compat_restores_the_names_crystal_toolkit_calls(ctc):
+    from flask import Flask
+    from flask_caching import Cache
+    from pymatgen.analysis.graphs import MoleculeGraph, StructureGraph
+    from pymatgen.analysis.local_env import CrystalNN
+
+    compat.apply()
+    for cls in (StructureGraph, MoleculeGraph):
+        assert hasattr(cls, "with_local_env_strategy") and hasattr(cls, "with_empty_graph")
+    graph = StructureGraph.with_local_env_strategy(rocksalt(), CrystalNN())
+    assert isinstance(graph, StructureGraph) and len(graph.graph.edges) > 0
+    assert isinstance(StructureGraph.with_empty_graph(rocksalt()), StructureGraph)
+    # Crystal Toolkit's own code path (it swallowed the AttributeError before and then failed in the fallback)
+    graph = ctc.StructureMoleculeComponent._preprocess_input_to_graph(rocksalt(), "CrystalNN")
+    assert len(graph.graph.edges) > 0
+    # its plugin's default cache type, and ours
+    app = Flask(__name__)
+    Cache(config={"CACHE_TYPE": "simple"}).init_app(app)
+    cache = compat.make_cache()
+    cache.init_app(app)
+    with app.app_context():
+        cache.set("k", 1)
+        assert cache.get("k") == 1
+    assert compat.apply() == compat.apply()  # idempotent
+
+
+def test_compat_legend_for_site_property_colours(ctc):
+    from wyckoff_lab.widgets.structure_view import ORBIT_PROPERTY, annotate_orbits
+
+    structure, group = annotate_orbits(rocksalt())
+    assert group == "Fm-3m (225)"
+    assert set(structure.site_properties[ORBIT_PROPERTY]) == {"Na 4a", "Cl 4b"}
+    view = ctc.StructureMoleculeComponent(structure, id="test-legend", color_scheme=ORBIT_PROPERTY)
+    legend = view._make_legend(view.initial_data["legend_data"])  # raised ValueError upstream
+    labels = {chip.children.children for chip in legend.children}
+    assert labels == {"Na 4a", "Cl 4b"}
+
+
+# -- steps 1 and 2: chemistry and symmetry ----------------------------------------------------------------------------
+
+
+def test_chemistry_state_reports_instead_of_raising():
+    from wyckoff_lab.widgets.chemistry import chemistry_state, table_positions
+
+    state, message = chemistry_state(["Cu", "Al", "Ca"], "", 20)
+    assert state == {"elements": ["Al", "Ca", "Cu"], "formula": None, "max_atoms": 20} and message is None
+    state, message = chemistry_state(["Al", "Ca", "Cu"], "CaAl2", 20)
+    assert state["elements"] == ["Al", "Ca"] and "not in the chemical system" in message
+    state, message = chemistry_state([], "Xx2O", 20)
+    assert state["formula"] is None and "Cannot read formula" in message
+    _, message = chemistry_state(["H", "He", "Li", "Be", "B", "C"], None, 20)
+    assert "At most 5 elements" in message
+    state, message = chemistry_state(["Na"], None, "many")
+    assert state["max_atoms"] == 20 and "positive whole number" in message
+    positions = table_positions()
+    assert positions["H"] == (1, 1) and positions["La"] == (9, 3) and len(set(positions.values())) == len(positions)
+
+
+def test_template_verdict_says_why():
+    from wyckoff_lab.widgets.symmetry import spacegroup_options, template_verdict, wyckoff_rows
+
+    ok = template_verdict(["Na", "Cl"], "NaCl", 225, [["Na", "4a"]], 20)
+    assert ok.ok and "fits" in ok.headline
+    clash = template_verdict(["Na", "Cl"], "NaCl", 225, [["Na", "4a"], ["Cl", "4a"]], 20)
+    assert clash.ok is False and any("4a" in d for d in clash.details)
+    outside = template_verdict(["Na", "Cl"], None, 225, [["K", "4a"]], 20)
+    assert outside.ok is False and "K" in outside.headline
+    system = template_verdict(["Al", "Ca", "Cu"], None, 139, [], 20)
+    assert system.ok and "for example" in system.details[0]
+    assert template_verdict([], None, None, [], 20).ok is None
+    assert [r["label"] for r in wyckoff_rows(225)][:2] == ["192l", "96k"]
+    labels = [o["label"] for o in spacegroup_options({225: 0.144}, "cubic")]
+    assert len(labels) == 36 and "14.4% of MP-20" in next(label for label in labels if label.startswith("225 "))
+
+
+# -- step 3: generation, isolation between tabs, bad input ------------------------------------------------------------
+
+
+def test_generation_fills_only_its_own_session(context):
+    from wyckoff_lab.widgets.jobs import GenerationRequest, run_generation
+
+    seen = []
+    summary = run_generation(context, "tab-a", GenerationRequest("pyxtal", 6, elements=["Al", "Ca", "Cu"], seed=1),
+                             lambda done, total, label: seen.append((done, total)))
+    records = context.sessions.candidates("tab-a")
+    assert summary["n"] == len(records) == 6 and seen[-1] == (6, 6)
+    assert all(set(r["elements"]) == {"Al", "Ca", "Cu"} and r["structure"] for r in records)
+    assert context.sessions.candidates("tab-b") == []  # another tab sees nothing
+
+
+@pytest.mark.parametrize("request_kwargs, expected", [
+    ({"generator": "pyxtal", "n": 0}, "at least one sample"),
+    ({"generator": "pyxtal", "n": 5, "elements": ["Na", "Cl"], "spacegroup": 225,
+      "template": [["Na", "4a"], ["Cl", "4a"]]}, "4a"),
+    ({"generator": "pyxtal", "n": 5, "elements": ["Ne", "Ar"]}, "charge-balanced"),
+    ({"generator": "pyxtal", "n": 5, "template": [["Na", "4a"]]}, "needs a space group"),
+    ({"generator": "no-such-generator", "n": 5}, "cannot be used"),
+])
+def test_generation_refuses_bad_input_and_keeps_candidates(context, request_kwargs, expected):
+    from wyckoff_lab.widgets.jobs import GenerationRequest, JobError, run_generation
+
+    run_generation(context, "tab", GenerationRequest("pyxtal", 3, elements=["Na", "Cl"], seed=0))
+    before = context.sessions.candidates("tab")
+    with pytest.raises(JobError, match=expected):
+        run_generation(context, "tab", GenerationRequest(**request_kwargs))
+    assert context.sessions.candidates("tab") == before
+
+
+def test_unseen_element_with_the_transformer(context, tmp_path, monkeypatch):
+    """A model that never saw an element says so; without weights the generator says that instead."""
+    import torch
+    from wyckoff_lab.core.generators.wyckoff_transformer.model import WyckoffTransformer, WyckoffTransformerConfig
+    from wyckoff_lab.core.generators.wyckoff_transformer.train import export
+    from wyckoff_lab.widgets.jobs import GenerationRequest, JobError, run_generation
+
+    monkeypatch.setenv("WYCKOFF_LAB_MODELS", str(tmp_path / "none"))
+    with pytest.raises(JobError, match="no Wyckoff transformer weights"):
+        run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 2, elements=["Na", "Cl"]))
+    torch.manual_seed(0)
+    export(WyckoffTransformer(WyckoffTransformerConfig(d_model=32, n_layers=1, n_heads=2, n_gaussians=4,
+                                                       n_mixture=2)),
+           tmp_path / "models" / "wyckoff_transformer",
+           {"element_counts": {"Na": 3, "Cl": 3}, "spacegroup_counts": {"225": 3}})
+    monkeypatch.setenv("WYCKOFF_LAB_MODELS", str(tmp_path / "models"))
+    context._generators.clear()
+    with pytest.raises(JobError, match="never saw F, Xe"):
+        run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 2, elements=["Xe", "F"]))
+
+
+# -- steps 5 and 6: structure view and relaxation ---------------------------------------------------------------------
+
+
+def test_relax_one_streams_frames_and_stores_the_result(context):
+    from wyckoff_lab.widgets.jobs import relax_message, relax_one
+    from wyckoff_lab.widgets.records import build_records
+    from wyckoff_lab.widgets.relaxation import frame_payload, relax_figure
+
+    candidate = type("C", (), {})()
+    from wyckoff_lab.core.generators import Conditions
+
+    structure = rocksalt()
+    structure.perturb(0.05, 0.0)
+    candidate.__dict__.update(structure=structure, generator="test", conditions=Conditions(), seed=None,
+                              intended_spacegroup=225, wyckoff=None)
+    context.sessions.set_candidates("tab", build_records([candidate]))
+    frames = []
+    summary = relax_one(context, "tab", "c001", lambda frame, history: frames.append(
+        frame_payload(frame, history, "#1")))
+    assert len(frames) >= 2 and frames[0]["view"]["structure"] and frames[-1]["history"]
+    assert summary["status"] in ("converged", "not_converged") and "Relaxed #1" in relax_message(summary)
+    record = context.sessions.candidate("tab", "c001")
+    assert record["relax_status"] == summary["status"] and record["relaxed_structure"]
+    assert len(relax_figure(frames[-1]["history"]).data) == 2
+
+
+def test_a_relaxation_that_cannot_run_keeps_the_structure(context):
+    from wyckoff_lab.core.generators import Conditions
+    from wyckoff_lab.widgets.jobs import JobError, relax_message, relax_one
+    from wyckoff_lab.widgets.records import build_records
+
+    crushed = Structure(Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.01, 0, 0]])
+    candidate = type("C", (), {})()
+    candidate.__dict__.update(structure=crushed, generator="test", conditions=Conditions(), seed=None,
+                              intended_spacegroup=None, wyckoff=None)
+    context.sessions.set_candidates("tab", build_records([candidate]))
+    summary = relax_one(context, "tab", "c001", lambda frame, history: None)
+    assert summary["status"] == "atoms_too_close"
+    assert "generated structure is kept" in relax_message(summary)
+    assert context.sessions.candidate("tab", "c001")["structure"]
+    with pytest.raises(JobError, match="Select a candidate"):
+        relax_one(context, "tab", None, lambda frame, history: None)
+
+
+# -- step 7: hull ------------------------------------------------------------------------------------------------------
+
+
+def _toy_hull(elements):
+    refs = []
+    for formula, energy_per_atom in {"Al": -3.7, "Cu": -4.1, "Ca": -1.9, "AlCu": -4.2, "CaCu": -3.3,
+                                     "CaAl2": -3.4}.items():
+        from pymatgen.core import Composition
+
+        comp = Composition(formula)
+        if {el.symbol for el in comp} <= set(elements):
+            refs.append({"formula": formula, "energy": energy_per_atom * comp.num_atoms, "natoms": comp.num_atoms,
+                         "composition": {el.symbol: a for el, a in comp.items()}, "source": "toy"})
+    hull = {"elements": list(elements), "potential_identity": "toy", "potential": "toy", "references": refs}
+    from wyckoff_lab.widgets.jobs import phase_diagram
+
+    diagram = phase_diagram(hull)
+    for r in refs:
+        from pymatgen.analysis.phase_diagram import PDEntry
+        from pymatgen.core import Composition
+
+        entry = PDEntry(Composition(r["composition"]), r["energy"])
+        r["formation_energy_per_atom"] = diagram.get_form_energy_per_atom(entry)
+        r["e_above_hull"] = diagram.get_e_above_hull(entry)
+        r["on_hull"] = r["e_above_hull"] < 1e-6
+    return hull
+
+
+@pytest.mark.parametrize("elements", [("Al", "Cu"), ("Al", "Ca", "Cu")])
+def test_hull_placement_and_figures(elements):
+    from pymatgen.core import Composition
+    from wyckoff_lab.widgets.hull import hull_figure, hull_histogram
+    from wyckoff_lab.widgets.jobs import place_on_hull
+
+    hull = _toy_hull(elements)
+    formula = "Al2Cu" if len(elements) == 2 else "CaAlCu"
+    comp = Composition(formula)
+    placed = place_on_hull(hull, comp, -2.5, "toy")
+    assert placed["e_above_hull"] > 0 and placed["decomposition"]
+    below = place_on_hull(hull, comp, -6.0, "toy")
+    assert place_on_hull(hull, comp * 2, -2.5, "toy")["e_above_hull"] == placed["e_above_hull"]  # per atom
+    assert below["e_above_hull"] < 0  # below every reference combination: a new ground state
+    assert place_on_hull(hull, comp, -2.5, "another potential") == {}  # energies of two models never mix
+    record = {"id": "c001", "label": 1, "formula": formula, "sg_label": "P1 (1)", **placed}
+    figure = hull_figure(hull, [record])
+    candidates = [t for t in figure.data if t.name == "candidates"]
+    assert candidates and list(candidates[0].customdata) == ["c001"]
+    assert hull_histogram([record]).data[0].x == (placed["e_above_hull"],)
+    assert "No hull yet" in hull_figure(None, []).layout.title.text
+
+
+# -- step 8: embeddings ------------------------------------------------------------------------------------------------
+
+
+def test_candidate_map_and_tsne():
+    from wyckoff_lab.widgets.embeddings import candidate_map, structure_features, tsne_2d
+
+    assert tsne_2d(np.zeros((0, 4))).shape == (0, 2) and tsne_2d(np.random.rand(7, 4)).shape == (7, 2)
+    structure = rocksalt()
+    features = structure_features(structure, ["Na", "Cl"])
+    assert features.shape == (2 + 2 + 25,) and np.isfinite(features).all()
+    records = []
+    for i, a in enumerate((5.4, 5.6, 5.8, 6.0, 6.2, 6.4)):
+        s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+        records.append({"id": f"c{i:03d}", "label": i, "formula": "NaCl", "sg_label": "Fm-3m (225)",
+                        "elements": ["Cl", "Na"], "spacegroup": 225, "structure": s.as_dict(),
+                        "e_above_hull": 0.01 * i if i % 2 else None})
+    figure = candidate_map(records, [("mp-22862", rocksalt(), {"formula": "NaCl", "spacegroup": 225})],
+                           "e_above_hull")
+    ids = [c for t in figure.data if t.customdata is not None for c in t.customdata]
+    assert sorted(ids) == [r["id"] for r in records]
+
+
+# -- step 9: teaching -----------------------------------------------------------------------------------------------
+
+
+def test_teach_state_collapses_and_detects_higher_symmetry():
+    from wyckoff_lab.widgets.teach import teach_state
+
+    general = teach_state(221, "8g", (0.2, 0, 0))
+    assert general.multiplicity == 8 and general.distinct == 8 and not general.messages
+    collapsed = teach_state(221, "8g", (0.0, 0, 0))
+    assert collapsed.distinct == 1 and "1a" in collapsed.messages[0]
+    # Pm-3 (200) with its general position at x=y=z gains the mirror planes of Pm-3m
+    higher = teach_state(200, "24l", (0.2, 0.2, 0.2))
+    assert any("spglib finds" in m for m in higher.messages)
+    both = teach_state(221, "1a", (), "Na", second=("1b", (), "Cl"))
+    assert len(both.structure) == 2 and both.detected == (221, "Pm-3m")
+
+
+# -- step 10: export ------------------------------------------------------------------------------------------------
+
+
+def test_export_cif_zip_and_extxyz_with_metadata():
+    from ase.io import read
+    from wyckoff_lab.widgets.export import cif_zip, extxyz
+
+    relaxed = rocksalt()
+    relaxed.scale_lattice(relaxed.volume * 1.02)
+    records = [{"id": "c001", "formula": "NaCl", "natoms": 8, "spacegroup": 225, "generator": "test",
+                "structure": rocksalt().as_dict(), "relaxed_structure": relaxed.as_dict(), "e_above_hull": 0.0,
+                "energy_per_atom": -3.4, "relax_status": "converged"}]
+    archive = zipfile.ZipFile(io.BytesIO(cif_zip(records)))
+    assert sorted(archive.namelist()) == ["c001_NaCl_sg225.cif", "c001_NaCl_sg225_relaxed.cif", "candidates.json"]
+    assert json.loads(archive.read("candidates.json"))[0]["e_above_hull"] == 0.0
+    text = extxyz(records)
+    (atoms,) = read(io.StringIO(text), index=":", format="extxyz")
+    assert len(atoms) == 8 and atoms.info["relaxed"] and atoms.info["e_above_hull"] == 0.0
+    assert abs(atoms.get_volume() - relaxed.volume) < 1e-6
+
+
+# -- callbacks through Dash --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app(context):
+    from wyckoff_lab.widgets.explorer import create_app
+
+    return create_app(context, elements=["Al", "Ca", "Cu"])
+
+
+def call(app, output: str, inputs: dict, state: dict | None = None, changed: str | None = None):
+    """POST one callback to /_dash-update-component as the browser would; returns the response for `output`."""
+    key = next(k for k in app.callback_map if output in k.strip(".").split("..."))
+    spec = app.callback_map[key]
+
+    def items(specs, values):
+        return [{"id": s["id"], "property": s["property"], "value": values.get(f"{s['id']}.{s['property']}")}
+                for s in specs]
+
+    outputs = [{"id": o.split(".")[0], "property": o.split(".")[1].split("@")[0]}
+               for o in key.strip(".").split("...")]
+    payload = {"output": key, "outputs": outputs if len(outputs) > 1 else outputs[0],
+               "inputs": items(spec["inputs"], inputs), "state": items(spec["state"], state or {}),
+               "changedPropIds": [changed or next(iter(inputs))]}
+    response = app.server.test_client().post("/_dash-update-component", json=payload)
+    assert response.status_code in (200, 204), response.data[:500]
+    return json.loads(response.data)["response"] if response.status_code == 200 else None
+
+
+def test_page_serves_every_asset_locally(app):
+    client = app.server.test_client()
+    index = client.get("/").data.decode()
+    assert "cdnjs" not in index and "unpkg" not in index and "cdn." not in index
+    assert client.get("/wl-static/ct/fonts/fa-solid-900.woff2").status_code == 200
+    css = [part.split('"')[0] for part in index.split('href="')[1:] if ".css" in part.split('"')[0]]
+    assert css and all(client.get("/" + href.lstrip("/")).status_code == 200 for href in css)
+    first, second = client.get("/_dash-layout").json, client.get("/_dash-layout").json
+
+    def session_id(layout):
+        found = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                if node.get("props", {}).get("id") == "wl-session":
+                    found.append(node["props"]["data"]["sid"])
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+        walk(layout)
+        return found[0]
+
+    assert session_id(first) != session_id(second)  # each browser tab gets its own session
+
+
+def test_callbacks_chemistry_symmetry_and_table(app, context):
+    from wyckoff_lab.widgets.jobs import GenerationRequest, run_generation
+
+    chemistry = call(app, "wl-chemistry.data", {"wl-chem-picked.data": ["Al", "Ti"], "wl-chem-formula.value": "",
+                                                 "wl-chem-max-atoms.value": 20})
+    assert chemistry["wl-chemistry"]["data"]["elements"] == ["Al", "Ti"]  # ordered by atomic number
+    assert "Al-Ti" in chemistry["wl-chem-summary"]["children"]
+    too_many = call(app, "wl-chemistry.data", {"wl-chem-picked.data": ["H", "Li", "Na", "K", "Rb", "Cs"],
+                                               "wl-chem-formula.value": "", "wl-chem-max-atoms.value": 20})
+    assert len(too_many["wl-chemistry"]["data"]["elements"]) == 5
+    assert "At most 5" in too_many["wl-chem-message"]["children"]
+
+    verdict = call(app, "wl-sym-verdict.children",
+                   {"wl-symmetry.data": {"spacegroup": 225, "template": [["Na", "4a"], ["Cl", "4a"]]},
+                    "wl-chemistry.data": {"elements": ["Na", "Cl"], "formula": "NaCl", "max_atoms": 20}})
+    assert "cannot fit" in json.dumps(verdict["wl-sym-verdict"]["children"])
+    assert verdict["wl-sym-verdict"]["className"].endswith("is-bad")
+
+    run_generation(context, "tab-1", GenerationRequest("pyxtal", 4, elements=["Al", "Ca", "Cu"], seed=3))
+    table = call(app, "wl-cand-table.data", {"wl-revision.data": "r1"}, {"wl-session.data": {"sid": "tab-1"}})
+    assert len(table["wl-cand-table"]["data"]) == 4 and "4 candidates" in table["wl-cand-summary"]["children"]
+    empty = call(app, "wl-cand-table.data", {"wl-revision.data": "r1"}, {"wl-session.data": {"sid": "tab-2"}})
+    assert empty["wl-cand-table"]["data"] == []
+    view = call(app, "wl-view-title.children", {"wl-structure.data": {
+        "structure": rocksalt().as_dict(), "title": "NaCl", "source": "test"}})
+    assert "Fm-3m (225)" in view["wl-view-symmetry"]["children"] and view["wl-view-orbits"]["data"]
+
+
+def test_cli_app_command(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = str(Path(sys.executable).with_name("wyckoff-lab"))  # the console script the README runs
+    out = subprocess.run([command, "app", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--no-browser" in out.stdout and "127.0.0.1" in out.stdout
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([command, "app", "--no-browser", "--port", str(port)], capture_output=True, text=True,
+                             timeout=60)
+    assert out.returncode == 2 and "cannot listen" in out.stderr
+
+
+def test_relax_all_places_candidates_on_a_real_hull(context):
+    """Relax all + hull on real MP-20 references of Al–Cu (few FIRE steps): energies per atom, never per formula."""
+    from wyckoff_lab.widgets.hull import hull_figure
+    from wyckoff_lab.widgets.jobs import GenerationRequest, hull_message, relax_all, run_generation
+
+    run_generation(context, "tab", GenerationRequest("pyxtal", 3, elements=["Al", "Cu"], seed=2))
+    labels = []
+    summary = relax_all(context, "tab", lambda done, total, label: labels.append(label))
+    records = context.sessions.candidates("tab")
+    assert summary["relaxed"] == 3 and summary["references"] >= 2 and "hull" in hull_message(summary)
+    placed = [r for r in records if r["e_above_hull"] is not None]
+    assert placed and all(-1.0 < r["e_above_hull"] < 5.0 for r in placed)
+    assert any("reference phases" in label for label in labels)
+    hull = context.sessions.get("tab", "hull")
+    assert hull["elements"] == ["Al", "Cu"]
+    candidates = [t for t in hull_figure(hull, records).data if t.name == "candidates"]
+    assert len(candidates[0].x) == len(placed)

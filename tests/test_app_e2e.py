@@ -1,0 +1,220 @@
+"""End to end: the real `wyckoff-lab app` driven in headless Chromium, the way a user would use it.
+
+Pick Al–Ca–Cu, generate, select a candidate, relax it (frames must stream), open the hull and t-SNE tabs, open
+the teaching view, export CIF and extxyz. Fails on any browser console error and on any request that leaves this
+machine; saves screenshots (also into $WYCKOFF_LAB_SCREENSHOTS when set, which is how the README's are made).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from test_app import small_data  # noqa: F401  (shared fixture: a small real MP-20 folder)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+SYSTEM = ("Al", "Ca", "Cu")
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-default-apps", "--disable-extensions", "--enable-unsafe-swiftshader",
+                  "--window-size=1600,1150")
+
+needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                    reason="Debian chromium + chromium-driver are not installed (make test "
+                                           "installs them when run as root)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(small_data, tmp_path_factory):  # noqa: F811  (the imported fixture)
+    """`wyckoff-lab app` in a subprocess, as the README starts it; yields (url, seconds until it answered)."""
+    port = _free_port()
+    home = tmp_path_factory.mktemp("app")
+    env = dict(os.environ, WYCKOFF_LAB_DATA=str(small_data), WYCKOFF_LAB_CACHE=str(home / "cache"),
+               WYCKOFF_LAB_MODELS=str(home / "no-models"), OMP_NUM_THREADS="1")
+    log = open(home / "app.log", "w")
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("wyckoff-lab")), "app", "--no-browser", "--port", str(port),
+         "--generator", "pyxtal", "--relax-max-steps", "40", "--samples", "30"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        from wyckoff_lab.app.commands.app import wait_until_up
+
+        assert wait_until_up(url, 120), (home / "app.log").read_text()
+        yield url, time.perf_counter() - started, home / "app.log"
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads"),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.downloads = tmp_path / "downloads"
+    yield driver
+    driver.quit()
+
+
+def _shot(driver, name: str, tmp_path: Path) -> None:
+    driver.save_screenshot(str(tmp_path / f"{name}.png"))
+    target = os.environ.get("WYCKOFF_LAB_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(target) / f"{name}.png"))
+
+
+def _console_errors(driver) -> list[str]:
+    return [f"{e['level']}: {e['message']}" for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _remote_requests(driver) -> list[str]:
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            url = message["params"]["request"]["url"]
+            remote = url.startswith(("http:", "https:", "ws:", "wss:")) and not url.startswith("http://127.0.0.1")
+            if remote:
+                urls.append(url)
+    return urls
+
+
+@needs_chromium
+def test_full_workflow_in_chromium(app_url, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, server_seconds, app_log = app_url
+    wait = WebDriverWait(browser, 240)
+    text = lambda element_id: browser.find_element(By.ID, element_id).text
+    timings = {"server_up_s": server_seconds}
+
+    t0 = time.perf_counter()
+    browser.get(url)
+    wait.until(ec.element_to_be_clickable((By.ID, "wl-gen-run")))
+    wait.until(lambda d: "pyxtal" in text("wl-gen-generator"))
+    timings["page_interactive_s"] = time.perf_counter() - t0
+
+    # 1. chemistry
+    for symbol in SYSTEM:
+        browser.find_element(By.CSS_SELECTOR, f'button[id*=\'"el":"{symbol}"\']').click()
+    wait.until(lambda d: "Al-Ca-Cu" in text("wl-chem-summary"))
+    wait.until(lambda d: "fits" in text("wl-sym-verdict") or "Any space group" in text("wl-sym-verdict"))
+
+    # 3. generate (the form is preset to 30 samples by --samples)
+    t0 = time.perf_counter()
+    browser.find_element(By.ID, "wl-gen-run").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=formula]"))
+    timings["generate_30_s"] = time.perf_counter() - t0
+    assert "30 candidates from pyxtal" in text("wl-gen-status"), text("wl-gen-status")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=formula]")
+    _shot(browser, "candidates", tmp_path)
+
+    # 4–5. select the second candidate: it appears in the 3D view with its orbit table
+    rows[1].click()
+    wait.until(lambda d: text("wl-view-title").startswith("#2 "))
+    wait.until(lambda d: browser.find_elements(By.CSS_SELECTOR, "#wl-view-orbits td"))
+    browser.find_element(By.XPATH, "//*[@id='wl-view-colour']//label[contains(., 'Wyckoff orbit')]").click()
+
+    # 6. relax: frames stream into the view before the relaxation ends
+    t0 = time.perf_counter()
+    browser.find_element(By.ID, "wl-relax-one").click()
+    wait.until(lambda d: "step" in text("wl-view-title"))
+    timings["first_relax_frame_s"] = time.perf_counter() - t0
+    wait.until(lambda d: "Relax" in text("wl-relax-status"))
+    assert "#2" in text("wl-relax-status"), text("wl-relax-status")
+    wait.until(lambda d: any(c.text.strip() for c in
+                             d.find_elements(By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=relax_status]")))
+    _shot(browser, "relaxation", tmp_path)
+
+    # 7. hull tab (no hull built yet in this short run: the figure says how to get one)
+    browser.find_element(By.XPATH, "//div[contains(@class,'wl-tab') and normalize-space()='Hull']").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#wl-hull-diagram .main-svg"))
+    _shot(browser, "hull", tmp_path)
+
+    # 8. embeddings tab: the candidate map is computed when the tab opens
+    browser.find_element(By.XPATH, "//div[contains(@class,'wl-tab') and normalize-space()='Embeddings']").click()
+    wait.until(lambda d: "candidates and" in (d.find_element(By.CSS_SELECTOR, "#wl-emb-candidates .gtitle").text
+                                              if d.find_elements(By.CSS_SELECTOR, "#wl-emb-candidates .gtitle")
+                                              else ""))
+    wait.until(lambda d: text("wl-emb-model-message"))
+    _shot(browser, "embeddings", tmp_path)
+
+    # 9. teach: the default 8g of Pm-3m; moving x to 0 collapses the copies
+    browser.find_element(By.XPATH, "//div[contains(@class,'wl-tab') and normalize-space()='Teach']").click()
+    wait.until(lambda d: "multiplicity 8" in text("wl-teach-info"))
+    handle = browser.find_element(By.CSS_SELECTOR, "#wl-teach-x .rc-slider-handle")
+    handle.send_keys(Keys.HOME)
+    wait.until(lambda d: "collapse" in text("wl-teach-info"))
+    _shot(browser, "teach", tmp_path)
+
+    # 10. export: all as CIF zip, the selected one as extxyz
+    browser.find_element(By.XPATH, "//div[contains(@class,'wl-tab') and normalize-space()='Candidates']").click()
+    wait.until(ec.element_to_be_clickable((By.ID, "wl-cand-cif-all"))).click()
+    wait.until(lambda d: list(browser.downloads.glob("*.zip")))
+    browser.find_element(By.ID, "wl-cand-xyz-selected").click()
+    wait.until(lambda d: list(browser.downloads.glob("*.extxyz")))
+    time.sleep(0.5)  # let Chromium finish writing
+    (archive,) = browser.downloads.glob("*.zip")
+    names = zipfile.ZipFile(archive).namelist()
+    assert "candidates.json" in names and sum(n.endswith(".cif") for n in names) >= len(rows)
+    assert any(n.endswith("_relaxed.cif") for n in names)
+    (frames,) = browser.downloads.glob("*.extxyz")
+    assert "wyckoff_lab" in frames.read_text()
+
+    print("\nquality bar timings:", json.dumps({k: round(v, 2) for k, v in timings.items()}))
+    assert not _console_errors(browser), _console_errors(browser)
+    assert not _remote_requests(browser), _remote_requests(browser)
+    assert "Traceback" not in app_log.read_text(), app_log.read_text()[-3000:]
+
+
+def test_notebook_embeds_the_explorer(small_data, tmp_path, monkeypatch):  # noqa: F811
+    """tests/notebooks/explorer.ipynb runs headless: the Explorer and a lone StructureView display inline (an iframe
+    each) and their servers answer."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+
+    monkeypatch.setenv("WYCKOFF_LAB_DATA", str(small_data))
+    monkeypatch.setenv("WYCKOFF_LAB_MODELS", str(tmp_path / "no-models"))
+    notebook = nbformat.read(Path(__file__).parent / "notebooks" / "explorer.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    html = [output.get("data", {}).get("text/html", "") for cell in notebook.cells if cell.cell_type == "code"
+            for output in cell.get("outputs", [])]
+    assert sum("<iframe" in h for h in html) == 2, html
+    errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors

@@ -1,0 +1,179 @@
+"""The widget base class, the shared stores that connect widgets, and the Dash app that hosts them.
+
+A widget owns its layout and its callbacks (as Crystal Toolkit components do) and receives what it shares with
+other widgets as store ids (`Links`), never through module globals. `build_app` hosts any list of widgets in one
+Dash app — the full Explorer, or a single widget shown alone in Jupyter — with every asset served locally.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from dash import Dash, dcc, html
+from wyckoff_lab.widgets.context import LabContext
+from wyckoff_lab.widgets.state import new_session_id, revision
+
+CT_STATIC_ROUTE = "wl-static/ct"  # Crystal Toolkit's CSS and fonts, served from its wheel
+
+
+@dataclass(frozen=True)
+class Links:
+    """Ids of the stores widgets share on one page.
+
+    session: {"sid": ...} of this tab. revision: bumped whenever the session's candidates change.
+    selected: id of the selected candidate. chemistry: {"elements", "formula", "max_atoms"}.
+    symmetry: {"spacegroup", "template"}. structure: {"structure", "title", "source"} shown in the 3D view.
+    tab: the name of the visible tab, so costly views (t-SNE maps) compute only when someone looks at them.
+    """
+
+    session: str = "wl-session"
+    revision: str = "wl-revision"
+    selected: str = "wl-selected"
+    chemistry: str = "wl-chemistry"
+    symmetry: str = "wl-symmetry"
+    structure: str = "wl-structure"
+    tab: str = "wl-active-tab"
+
+    def stores(self, chemistry: dict | None = None, symmetry: dict | None = None,
+               structure: dict | None = None, tab: str | None = None) -> list[dcc.Store]:
+        """The shared stores for a freshly loaded page: a new session id, so every tab has its own candidates."""
+        return [
+            dcc.Store(id=self.session, data={"sid": new_session_id()}),
+            dcc.Store(id=self.revision, data=revision()),
+            dcc.Store(id=self.selected, data=None),
+            dcc.Store(id=self.chemistry, data=chemistry or {"elements": [], "formula": None, "max_atoms": 20}),
+            dcc.Store(id=self.symmetry, data=symmetry or {"spacegroup": None, "template": []}),
+            dcc.Store(id=self.structure, data=structure),
+            dcc.Store(id=self.tab, data=tab),
+        ]
+
+
+class Widget:
+    """A self-contained part of the page: `layout()` builds it, `register(app)` adds its callbacks.
+
+    Subclasses list the Crystal Toolkit components they embed in `ct_components` so the hosting app generates
+    their callbacks and stores (Crystal Toolkit's own plugin would do that for every component ever created).
+    """
+
+    default_prefix = "wl"
+
+    def __init__(self, context: LabContext | None = None, links: Links | None = None, prefix: str | None = None):
+        self.context = context or default_context()
+        self.links = links or Links()
+        self.prefix = prefix or self.default_prefix
+
+    def id(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
+
+    def layout(self):
+        raise NotImplementedError
+
+    def register(self, app: Dash) -> None:
+        """Add this widget's callbacks to `app` (called once per app)."""
+
+    @property
+    def ct_components(self) -> list:
+        return []
+
+    def page_stores(self) -> list:
+        """The shared stores this widget needs when it is shown alone (the Explorer provides them otherwise)."""
+        return self.links.stores()
+
+    # -- Jupyter --------------------------------------------------------------------------------------------------
+
+    def app(self) -> Dash:
+        """A Dash app showing only this widget."""
+        return build_app([self], self.context, title=f"Wyckoff Lab — {type(self).__name__}",
+                         extra_stores=self.page_stores)
+
+    def show(self, port: int | None = None, height: int = 650, mode: str = "inline") -> Dash:
+        """Run the widget's app inside Jupyter (Dash's Jupyter mode: an inline iframe by default)."""
+        app = self.app()
+        self.context.start_warm_up()
+        port = port or free_port()
+        app.run(jupyter_mode=mode, jupyter_height=height, port=port, host="127.0.0.1")
+        self.url = f"http://127.0.0.1:{port}/"
+        return app
+
+    def _ipython_display_(self) -> None:
+        self.show()
+
+
+_DEFAULT_CONTEXT: LabContext | None = None
+
+
+def default_context() -> LabContext:
+    """One shared context per process for widgets created without one (Jupyter: models load once per kernel)."""
+    global _DEFAULT_CONTEXT
+    if _DEFAULT_CONTEXT is None:
+        _DEFAULT_CONTEXT = LabContext()
+    return _DEFAULT_CONTEXT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assets_folder() -> str:
+    return str(Path(str(resources.files("wyckoff_lab.widgets").joinpath("assets"))))
+
+
+def build_app(widgets: list[Widget], context: LabContext, title: str = "Wyckoff Lab", extra_stores=None,
+              header=None) -> Dash:
+    """A Dash app hosting `widgets` on one page, every script, stylesheet and font served from this machine.
+
+    The layout is a function, so each page load (each browser tab) gets a fresh session id. Crystal Toolkit's
+    components get their stores and callbacks here, and its Bulma / Font Awesome CSS comes from its wheel instead
+    of a CDN.
+    """
+    from flask import send_from_directory
+    from wyckoff_lab.widgets import compat
+
+    compat.apply()
+    ct_assets = compat.crystal_toolkit_assets_dir()
+    ct_css = sorted(p.name for p in ct_assets.glob("main.*.css"))
+    app = Dash(
+        __name__,
+        title=title,
+        update_title=None,
+        assets_folder=assets_folder(),
+        serve_locally=True,
+        external_stylesheets=[f"{CT_STATIC_ROUTE}/{name}" for name in ct_css],
+        background_callback_manager=context.manager,
+        suppress_callback_exceptions=True,
+    )
+
+    @app.server.route(f"/{CT_STATIC_ROUTE}/<path:filename>")
+    def crystal_toolkit_static(filename):
+        return send_from_directory(ct_assets, filename, max_age=3600)
+
+    @app.server.before_request
+    def warm_up():
+        context.start_warm_up()
+
+    cache = compat.make_cache()
+    cache.init_app(app.server)
+    ct_components = [c for w in widgets for c in w.ct_components]
+
+    def page():
+        from crystal_toolkit.core.mpcomponent import MPComponent
+
+        stores = list(extra_stores() if callable(extra_stores) else (extra_stores or []))
+        for component in ct_components:
+            stores += MPComponent._app_stores_dict[component.id()]
+        body = [w.layout() for w in widgets]
+        return html.Div([*(header() if callable(header) else [header] if header else []), *body,
+                         html.Div(stores, style={"display": "none"})], className="wl-page")
+
+    app.layout = page
+    for widget in widgets:
+        widget.register(app)
+    for component in ct_components:
+        component.generate_callbacks(app, cache)
+    app.wyckoff_lab_context = context
+    return app

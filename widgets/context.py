@@ -1,0 +1,227 @@
+"""Process-wide resources of the app: settings, loaded models and datasets, the session store, background jobs.
+
+Everything here is shared by all browser tabs and is read-only after loading (models, reference data); what
+differs per tab lives in the `SessionStore` under the tab's session id. Long work (generation, relaxation, hulls)
+runs as Dash background callbacks in forked processes, which inherit the models loaded here for free.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dash import DiskcacheManager
+from wyckoff_lab.widgets.state import SessionStore
+
+log = logging.getLogger(__name__)
+
+WARMUP_WAIT_S = 60.0  # a job that starts during warm-up waits at most this long for the models to be loaded
+JOB_TORCH_THREADS = 1  # see _job_entry
+
+
+@dataclass
+class LabSettings:
+    """What the app runs with. None means: the embedded default (see README)."""
+
+    potential: str | None = None  # "mattersim", "chgnet", or None: MatterSim when its checkpoint can be had
+    device: str | None = None  # torch device for relaxations and the transformer; None: cuda if available
+    dataset: str = "mp_20"  # reference structures (novelty, hull phases, space-group frequencies)
+    default_generator: str | None = None  # None: the Wyckoff transformer when its weights load, else PyXtal
+    relax_fmax: float = 0.05  # eV/Å
+    relax_max_steps: int = 300
+    hull_max_references: int = 3  # polymorphs per formula relaxed for the hull
+    default_samples: int = 100
+    max_samples: int = 1000
+    progress_interval_ms: int = 400  # how often the browser polls a running job
+    work_dir: Path | None = None  # session store + job results; a temporary folder (removed at exit) when None
+    warm_up: bool = True  # load models and reference data in a thread once the first request arrives
+    generator_kwargs: dict = field(default_factory=dict)  # name -> constructor kwargs (e.g. weights folder)
+
+
+class LabContext:
+    """Shared resources: the session store, the background-job manager, cached generators, potential, references."""
+
+    def __init__(self, settings: LabSettings | None = None):
+        import diskcache
+
+        self.settings = settings or LabSettings()
+        if self.settings.work_dir is None:
+            folder = Path(tempfile.mkdtemp(prefix="wyckoff-lab-app-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        else:
+            folder = Path(self.settings.work_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+        self.work_dir = folder
+        self.sessions = SessionStore(str(folder / "sessions"))
+        self.ready = threading.Event()
+        self.manager = WarmDiskcacheManager(diskcache.Cache(str(folder / "jobs")), self.ready)
+        # One lock per resource: a page asking for reference data must not wait for the potential to load.
+        self._generator_lock, self._potential_lock, self._reference_lock = (threading.RLock() for _ in range(3))
+        self._generators: dict[str, object] = {}
+        self._generator_errors: dict[str, str] = {}
+        self._potential = None
+        self._potential_error: str | None = None
+        self._references = None
+        self._reference_error: str | None = None
+        self._frequencies: dict[int, float] | None = None
+        self._warm_up_started = False
+        if not self.settings.warm_up:
+            self.ready.set()  # nothing preloaded: every resource loads when first used
+
+    def start_warm_up(self) -> None:
+        """Start loading in a thread (idempotent). The app calls this on its first request rather than at
+        start-up: the imports would otherwise compete with the server's own start for the interpreter."""
+        if self._warm_up_started or self.ready.is_set():
+            return
+        self._warm_up_started = True
+        threading.Thread(target=self.warm_up, name="wyckoff-lab-warm-up", daemon=True).start()
+
+    # -- warm-up --------------------------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Load what the first user action needs (potential, generators, reference data), then open the job gate.
+
+        Background jobs are forked from this process: loading here once means no job pays for it again, and the
+        job gate (`ready`) keeps a fork from happening while a model is half loaded.
+        """
+        t0 = time.perf_counter()
+        try:
+            self.references()
+            for name in self.generator_names():
+                self.generator_status(name)
+            self.potential()
+        except Exception:  # warm-up is an optimisation: every loader reports its own error when used
+            log.exception("warm-up failed")
+        finally:
+            self.ready.set()
+            log.info("warm-up done in %.1f s", time.perf_counter() - t0)
+
+    # -- generators -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def generator_names() -> list[str]:
+        """Every registered generator: new ones appear in the app without changes here."""
+        from wyckoff_lab.core.generators import available_generators
+
+        return available_generators()
+
+    def generator(self, name: str):
+        """The loaded generator `name` (cached); raises its own error (e.g. ModelLoadError) when it cannot load."""
+        from wyckoff_lab.core.generators import get_generator
+
+        with self._generator_lock:
+            if name not in self._generators:
+                self._generators[name] = get_generator(name, **self.settings.generator_kwargs.get(name, {}))
+                self._generator_errors.pop(name, None)
+            return self._generators[name]
+
+    def generator_status(self, name: str) -> tuple[bool, str]:
+        """(usable, message): tries to load once, and again later if it failed (weights may appear meanwhile)."""
+        try:
+            generator = self.generator(name)
+        except Exception as exc:  # ModelLoadError, missing packages: shown in the UI, never raised
+            self._generator_errors[name] = str(exc)
+            return False, str(exc)
+        return True, getattr(generator, "description", "") or name
+
+    def default_generator(self) -> str:
+        names = self.generator_names()
+        preferred = [self.settings.default_generator, "wyckoff-transformer", "pyxtal", *names]
+        for name in preferred:
+            if name in names and self.generator_status(name)[0]:
+                return name
+        return names[0]
+
+    # -- potential ------------------------------------------------------------------------------------------------
+
+    def potential(self):
+        """The relaxation potential (cached). Raises PotentialError with the reason when none can be loaded."""
+        from wyckoff_lab.core.relax import load_potential
+
+        with self._potential_lock:
+            if self._potential is None:
+                try:
+                    self._potential = load_potential(self.settings.potential, self.settings.device)
+                    self._potential_error = None
+                except Exception as exc:
+                    self._potential_error = str(exc)
+                    raise
+            return self._potential
+
+    def potential_label(self) -> str:
+        try:
+            return self.potential().name
+        except Exception as exc:
+            return f"unavailable ({exc})"
+
+    # -- reference data -------------------------------------------------------------------------------------------
+
+    def references(self):
+        """ReferenceSet over the reference dataset, or None (with `reference_error`) when it is not available."""
+        from wyckoff_lab.core.datasets import load_dataset
+        from wyckoff_lab.widgets.records import ReferenceSet
+
+        with self._reference_lock:
+            if self._references is None and self._reference_error is None:
+                try:
+                    self._references = ReferenceSet(load_dataset(self.settings.dataset))
+                except Exception as exc:  # DataUnavailableError offline without WYCKOFF_LAB_DATA
+                    self._reference_error = str(exc)
+                    log.warning("reference dataset unavailable: %s", exc)
+            return self._references
+
+    @property
+    def reference_error(self) -> str | None:
+        return self._reference_error
+
+    def spacegroup_frequencies(self) -> dict[int, float]:
+        """Fraction of reference rows per space group (empty without reference data); computed once."""
+        references = self.references()
+        if references is None:
+            return {}
+        with self._reference_lock:
+            if self._frequencies is None:
+                counts = references.dataset.frame["spacegroup"].dropna().astype(int).value_counts()
+                total = int(counts.sum()) or 1
+                self._frequencies = {int(k): int(v) / total for k, v in counts.items()}
+            return self._frequencies
+
+
+class WarmDiskcacheManager(DiskcacheManager):
+    """Dash's diskcache background manager, with two changes that matter for a process holding torch models.
+
+    1. A job waits for the warm-up gate before it forks, so no fork happens while a model is half loaded (a lock
+       held by the loading thread would stay locked forever in the child).
+    2. The child runs torch single-threaded: GNU OpenMP does not survive fork once the parent has used its thread
+       pool (measured: a CHGNet step in a forked child hangs with 2 threads and completes with 1).
+    """
+
+    def __init__(self, cache, ready: threading.Event, **kwargs):
+        super().__init__(cache, **kwargs)
+        self._ready = ready
+
+    def call_job_fn(self, key, job_fn, args, context):
+        import multiprocess
+
+        self._ready.wait(WARMUP_WAIT_S)
+        process = multiprocess.get_context("fork").Process(
+            target=_job_entry, args=(job_fn, key, self._make_progress_key(key), args, context), daemon=True)
+        process.start()
+        return process.pid
+
+
+def _job_entry(job_fn, key, progress_key, args, context) -> None:
+    """Run one background job in its forked process (see WarmDiskcacheManager)."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(JOB_TORCH_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(JOB_TORCH_THREADS)
+    job_fn(key, progress_key, args, context)

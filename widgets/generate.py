@@ -1,0 +1,158 @@
+"""Step 3, generate: generator, number of samples, temperature, seed and stability token, run in the background.
+
+The generator list comes from the `Generator` registry, and each generator's declared `supported_conditions` and
+`uses_temperature` decide which controls are enabled: a new generator appears here without UI changes.
+"""
+
+from __future__ import annotations
+
+from dash import Input, Output, State, dcc, html, no_update
+from wyckoff_lab.widgets.base import Widget
+from wyckoff_lab.widgets.context import WARMUP_WAIT_S
+from wyckoff_lab.widgets.jobs import GenerationRequest, JobError, generation_message, run_generation, unexpected
+from wyckoff_lab.widgets.state import revision
+
+STABILITY_OPTIONS = [{"label": "any stability", "value": ""},
+                     {"label": "stable (low E above hull)", "value": "low"},
+                     {"label": "unstable (high E above hull)", "value": "high"}]
+
+
+def generator_options(context) -> tuple[list[dict], dict[str, str]]:
+    """Dropdown options for every registered generator (unusable ones disabled) and their status messages."""
+    options, notes = [], {}
+    for name in context.generator_names():
+        usable, message = context.generator_status(name)
+        label = name if usable else f"{name} — unavailable"
+        options.append({"label": label, "value": name, "disabled": not usable})
+        notes[name] = message if usable else f"Unavailable: {message}"
+    return options, notes
+
+
+def controls_for(context, name: str | None) -> dict:
+    """Which controls a generator can use: from its declared conditions, never from a hard-coded list."""
+    try:
+        generator = context.generator(name) if name else None
+    except Exception:
+        generator = None
+    supported = getattr(generator, "supported_conditions", frozenset())
+    return {"temperature": bool(getattr(generator, "uses_temperature", False)),
+            "stability": "stability" in supported,
+            "template": "template" in supported, "spacegroup": "spacegroup" in supported,
+            "supported": sorted(supported)}
+
+
+class GeneratePanel(Widget):
+    """Run a generator on the chosen chemistry and symmetry; progress bar and cancel; never blocks the page."""
+
+    default_prefix = "wl-gen"
+
+    def layout(self):
+        # Generator availability is filled in by a callback once models are loaded: the page must not wait.
+        names = self.context.generator_names()
+        settings = self.context.settings
+        return html.Div([
+            html.H2("3 · Generate", className="wl-step"),
+            dcc.Dropdown(id=self.id("generator"), options=[{"label": f"{n} (loading…)", "value": n} for n in names],
+                         value=None, clearable=False, placeholder="loading generators…"),
+            html.Div("", id=self.id("note"), className="wl-note"),
+            html.Div(id=self.id("unavailable")),
+            html.Div([
+                _field("Samples", dcc.Input(id=self.id("n"), type="number", min=1, max=settings.max_samples, step=1,
+                                            value=settings.default_samples, className="input is-small")),
+                _field("Temperature", dcc.Input(id=self.id("temperature"), type="number", min=0.05, max=5,
+                                                step=0.05, value=1.0, className="input is-small")),
+                _field("Seed", dcc.Input(id=self.id("seed"), type="number", min=0, step=1, value=0,
+                                         placeholder="random", className="input is-small")),
+            ], className="wl-row"),
+            dcc.Dropdown(id=self.id("stability"), options=STABILITY_OPTIONS, value="", clearable=False),
+            html.Div([
+                html.Button("Generate", id=self.id("run"), n_clicks=0, className="button is-primary"),
+                html.Button("Cancel", id=self.id("cancel"), n_clicks=0, disabled=True,
+                            className="button is-light"),
+            ], className="wl-row wl-buttons"),
+            html.Progress(id=self.id("progress"), value="0", max="1", className="progress is-small is-primary",
+                          style={"visibility": "hidden"}),
+            html.Div(id=self.id("progress-label"), className="wl-progress-label"),
+            html.Div(id=self.id("status"), className="wl-status"),
+        ], className="wl-panel", id=self.id("panel"))
+
+    @staticmethod
+    def _note(controls: dict, description: str) -> str:
+        return f"{description}. Honours: {', '.join(controls['supported']) or 'nothing'}."
+
+    def register(self, app):
+        context = self.context
+
+        @app.callback(
+            Output(self.id("generator"), "options"),
+            Output(self.id("generator"), "value"),
+            Output(self.id("unavailable"), "children"),
+            Input(self.links.session, "data"),
+        )
+        def list_generators(_session):
+            context.ready.wait(WARMUP_WAIT_S)
+            options, notes = generator_options(context)
+            unavailable = [html.Div(notes[o["value"]], className="wl-message is-warning")
+                           for o in options if o["disabled"]]
+            return options, context.default_generator(), unavailable
+
+        @app.callback(
+            Output(self.id("temperature"), "disabled"),
+            Output(self.id("stability"), "disabled"),
+            Output(self.id("note"), "children"),
+            Input(self.id("generator"), "value"),
+        )
+        def enable_controls(name):
+            if not name:
+                return no_update, no_update, "Loading generators…"
+            controls = controls_for(context, name)
+            usable, message = context.generator_status(name) if name else (False, "no generator")
+            note = self._note(controls, message) if usable else f"Unavailable: {message}"
+            return not controls["temperature"], not controls["stability"], note
+
+        @app.callback(
+            Output(self.links.revision, "data", allow_duplicate=True),
+            Output(self.links.selected, "data", allow_duplicate=True),
+            Output(self.id("status"), "children"),
+            Input(self.id("run"), "n_clicks"),
+            State(self.links.session, "data"),
+            State(self.links.chemistry, "data"),
+            State(self.links.symmetry, "data"),
+            State(self.id("generator"), "value"),
+            State(self.id("n"), "value"),
+            State(self.id("temperature"), "value"),
+            State(self.id("seed"), "value"),
+            State(self.id("stability"), "value"),
+            background=True,
+            running=[(Output(self.id("run"), "disabled"), True, False),
+                     (Output(self.id("cancel"), "disabled"), False, True),
+                     (Output(self.id("progress"), "style"), {"visibility": "visible"}, {"visibility": "hidden"})],
+            cancel=[Input(self.id("cancel"), "n_clicks")],
+            progress=[Output(self.id("progress"), "value"), Output(self.id("progress"), "max"),
+                      Output(self.id("progress-label"), "children")],
+            interval=context.settings.progress_interval_ms,
+            prevent_initial_call=True,
+        )
+        def generate(set_progress, _clicks, session, chemistry, symmetry, name, n, temperature, seed, stability):
+            chemistry, symmetry = chemistry or {}, symmetry or {}
+            request = GenerationRequest(
+                generator=name, n=n, elements=chemistry.get("elements") or None,
+                formula=chemistry.get("formula"), max_atoms=chemistry.get("max_atoms"),
+                spacegroup=symmetry.get("spacegroup"), template=symmetry.get("template"),
+                temperature=temperature or 1.0, seed=None if seed in (None, "") else int(seed),
+                stability=stability or None)
+            try:
+                summary = run_generation(context, (session or {}).get("sid"), request,
+                                         lambda done, total, label: set_progress((str(done), str(max(total, 1)),
+                                                                                  label)))
+            except Exception as exc:  # JobError: the user's to fix; anything else: reported, never a broken page
+                set_progress(("0", "1", ""))
+                text = str(exc) if isinstance(exc, JobError) else unexpected(exc)
+                return no_update, no_update, html.Div(text, className="wl-message is-danger")
+            set_progress(("1", "1", ""))
+            return revision(), summary["first"], html.Div(generation_message(summary, name),
+                                                          className="wl-message is-success")
+
+
+def _field(label: str, control):
+    return html.Div([html.Label(label, className="label is-small"), control], className="wl-field wl-narrow")

@@ -1,0 +1,360 @@
+"""The long-running work behind the buttons, as plain functions of (context, session, request, progress).
+
+Dash background callbacks call these in forked processes; tests call them directly. Each one reports progress
+through a plain callback, writes its results into the session's records, and turns every expected failure (bad
+input, an unloadable model, an exploding relaxation) into a `JobError` whose message the UI shows as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pymatgen.core import Composition, Structure
+from wyckoff_lab.widgets.context import LabContext
+from wyckoff_lab.widgets.records import build_records
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, float, str], None]  # (done, total, label)
+RELAX_CHUNK = 8  # candidates relaxed per batch in "Relax all": progress after each, cancel between them
+USABLE = ("converged", "not_converged")
+
+
+class JobError(Exception):
+    """A failure the user can act on; the message is shown in the UI as it is."""
+
+
+def _no_progress(done, total, label) -> None:
+    pass
+
+
+def unexpected(exc: Exception) -> str:
+    """The message for a failure nobody foresaw: logged with its traceback, shown briefly, page and data intact."""
+    log.error("unexpected failure in a background job", exc_info=exc)
+    return (f"Something went wrong ({type(exc).__name__}: {exc}). Nothing that was already generated or relaxed "
+            "is lost; the details are in the app's log.")
+
+
+class Throttle:
+    """Calls `report` at most every `every_s` seconds (and always for the first and the forced calls)."""
+
+    def __init__(self, report: Progress, every_s: float = 0.25):
+        self.report, self.every_s, self.last = report, every_s, -math.inf
+
+    def __call__(self, done, total, label, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            self.report(done, total, label)
+
+
+# -- generation -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationRequest:
+    generator: str
+    n: int
+    elements: list[str] | None = None
+    formula: str | None = None
+    max_atoms: int | None = None
+    spacegroup: int | None = None
+    template: list[list[str]] | None = None
+    temperature: float = 1.0
+    seed: int | None = None
+    stability: str | None = None
+
+
+def conditions_for(request: GenerationRequest):
+    """The `Conditions` of a request; what a generator cannot honour it refuses itself, with its own message."""
+    from wyckoff_lab.core.generators import Conditions
+
+    try:
+        return Conditions(
+            elements=tuple(request.elements) if request.elements else None,
+            formula=request.formula or None,
+            spacegroup=request.spacegroup or None,
+            template=tuple(tuple(p) for p in request.template or ()),
+            stability=request.stability or None,
+            max_atoms=request.max_atoms or None,
+        )
+    except (ValueError, KeyError) as exc:
+        raise JobError(f"Invalid conditions: {exc.args[0] if exc.args else exc}") from None
+
+
+def run_generation(context: LabContext, session: str, request: GenerationRequest,
+                   progress: Progress = _no_progress) -> dict:
+    """Generate candidates and make them the session's candidate set. Returns a summary for the status line.
+
+    What was generated before stays untouched when anything fails.
+    """
+    if request.n is None or int(request.n) < 1:
+        raise JobError("Ask for at least one sample")
+    n = int(request.n)
+    if n > context.settings.max_samples:
+        raise JobError(f"At most {context.settings.max_samples} samples per run")
+    try:
+        generator = context.generator(request.generator)
+    except Exception as exc:  # ModelLoadError and friends: the reason is what the user needs
+        raise JobError(f"The {request.generator} generator cannot be used: {exc}") from None
+    conditions = conditions_for(request)
+    report = Throttle(progress)
+    report(0, n, f"{request.generator}: starting", force=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = generator.generate(
+                n, conditions, temperature=float(request.temperature or 1.0), seed=request.seed,
+                progress=lambda done, total: report(done, total, f"{request.generator}: {done} of {total}"))
+    except ValueError as exc:  # impossible templates, unseen elements, unsupported conditions: said by the generator
+        raise JobError(str(exc)) from None
+    if not result.candidates:
+        failures = ", ".join(f"{k}: {v}" for k, v in result.failures.items()) or "no reason given"
+        raise JobError(f"No candidate came out of {result.attempts} attempts ({failures})")
+    report(n, n, "checking validity and novelty", force=True)
+    t0 = time.perf_counter()
+    records = build_records(result.candidates, context.references())
+    context.sessions.set_candidates(session, records)
+    context.sessions.set(session, "generation", {"generator": request.generator, "conditions": conditions.as_dict(),
+                                                 "seconds": result.seconds, "attempts": result.attempts,
+                                                 "failures": result.failures})
+    return {"n": len(records), "attempts": result.attempts, "failures": result.failures,
+            "seconds": result.seconds, "check_seconds": time.perf_counter() - t0,
+            "valid": sum(r["struct_valid"] and r["comp_valid"] for r in records),
+            "novel": sum(bool(r["novel"]) for r in records), "first": records[0]["id"],
+            "novelty_known": context.references() is not None}
+
+
+def generation_message(summary: dict, generator: str) -> str:
+    text = (f"{summary['n']} candidates from {generator} in {summary['seconds']:.1f} s "
+            f"(+{summary['check_seconds']:.1f} s checks) · {summary['valid']} valid")
+    text += f" · {summary['novel']} novel vs MP-20" if summary["novelty_known"] else " · novelty unknown (no MP-20)"
+    failed = summary["attempts"] - summary["n"]
+    if failed > 0:
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["failures"].items())
+        text += f" · {failed} attempts failed ({reasons})"
+    return text
+
+
+# -- relaxation -----------------------------------------------------------------------------------------------------
+
+
+def _relax_fields(result) -> dict:
+    """What a record keeps of a RelaxResult (plain values; the relaxed structure as a dict)."""
+    usable = result.status in USABLE
+    return {
+        "relax_status": result.status,
+        "relax_message": result.message,
+        "energy_per_atom": round(result.energy_per_atom, 5) if usable and math.isfinite(result.energy_per_atom)
+        else None,
+        "energy": result.energy if usable and math.isfinite(result.energy) else None,
+        "max_force": result.max_force if math.isfinite(result.max_force) else None,
+        "relax_steps": result.steps,
+        "relaxed_structure": result.final.as_dict() if usable else None,
+        "potential": result.potential,
+        "potential_identity": result.potential_identity,
+        "e_above_hull": None,
+    }
+
+
+def _potential(context: LabContext):
+    try:
+        return context.potential()
+    except Exception as exc:
+        raise JobError(f"No potential to relax with: {exc}") from None
+
+
+def relax_one(context: LabContext, session: str, candidate_id: str | None,
+              on_frame: Callable[[object, list[dict]], None]) -> dict:
+    """Relax one candidate, calling `on_frame(frame, history)` for every FIRE step (history: step, energy, force).
+
+    The result is stored in the candidate's record (and placed on the session's hull when one exists).
+    """
+    from wyckoff_lab.core.relax import relax_frames
+
+    record = context.sessions.candidate(session, candidate_id)
+    if record is None:
+        raise JobError("Select a candidate in the table first")
+    batch = context.sessions.batch(session)
+    potential = _potential(context)
+    settings = context.settings
+    history: list[dict] = []
+    final = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for frame in relax_frames(Structure.from_dict(record["structure"]), potential, fmax=settings.relax_fmax,
+                                  max_steps=settings.relax_max_steps):
+            if math.isfinite(frame.energy_per_atom):
+                history.append({"step": frame.step, "energy_per_atom": frame.energy_per_atom,
+                                "max_force": frame.max_force if math.isfinite(frame.max_force) else None})
+            on_frame(frame, history)
+            final = frame
+    result = final.result
+    fields = _relax_fields(result)
+    hull = context.sessions.get(session, "hull")
+    if hull and result.status in USABLE:
+        fields.update(place_on_hull(hull, Composition(record["formula"]), result.energy_per_atom,
+                                    result.potential_identity))
+    context.sessions.update_candidates(session, {record["id"]: fields}, batch=batch)
+    return {"id": record["id"], "status": result.status, "message": result.message, "steps": result.steps,
+            "energy_per_atom": result.energy_per_atom, "max_force": result.max_force,
+            "e_above_hull": fields.get("e_above_hull"), "cached": result.cached}
+
+
+def relax_message(summary: dict) -> str:
+    if summary["status"] in USABLE:
+        text = (f"Relaxed #{summary['id'][1:].lstrip('0')}: {summary['status'].replace('_', ' ')} after "
+                f"{summary['steps']} steps, E = {summary['energy_per_atom']:.4f} eV/atom, "
+                f"max force {summary['max_force']:.3f} eV/Å")
+        if summary.get("e_above_hull") is not None:
+            text += f", {1000 * summary['e_above_hull']:.0f} meV/atom above the hull"
+        return text + (" (from cache)" if summary.get("cached") else "")
+    return (f"Relaxation of #{summary['id'][1:].lstrip('0')} stopped: {summary['status'].replace('_', ' ')} — "
+            f"{summary['message']}. The generated structure is kept.")
+
+
+def relax_all(context: LabContext, session: str, progress: Progress = _no_progress, build_hull: bool = True) -> dict:
+    """Relax every candidate not yet relaxed, in batches (progress after each), then place all on the hull."""
+    from wyckoff_lab.core.relax import relax
+
+    records = context.sessions.candidates(session)
+    if not records:
+        raise JobError("Generate candidates first")
+    batch = context.sessions.batch(session)
+    potential = _potential(context)
+    todo = [r for r in records if not r.get("relax_status")]
+    settings = context.settings
+    t0 = time.perf_counter()
+    for start in range(0, len(todo), RELAX_CHUNK):
+        chunk = todo[start:start + RELAX_CHUNK]
+        progress(start, len(todo), f"relaxing candidates {start + 1}–{start + len(chunk)} of {len(todo)} "
+                 f"with {potential.name}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = relax([Structure.from_dict(r["structure"]) for r in chunk], potential,
+                            fmax=settings.relax_fmax, max_steps=settings.relax_max_steps)
+        changed = context.sessions.update_candidates(
+            session, {r["id"]: _relax_fields(res) for r, res in zip(chunk, results)}, batch=batch)
+        if not changed:
+            raise JobError("A new candidate set was generated meanwhile; relaxation stopped")
+    progress(len(todo), max(len(todo), 1), "relaxation done")
+    summary = {"relaxed": len(todo), "seconds": time.perf_counter() - t0}
+    if build_hull:
+        summary.update(hull_for_session(context, session, progress))
+    return summary
+
+
+# -- hull -------------------------------------------------------------------------------------------------------------
+
+
+def session_elements(records: list[dict]) -> list[str]:
+    """The chemical system spanned by the session's candidates."""
+    from pymatgen.core import Element
+
+    return sorted({el for r in records for el in r["elements"]}, key=lambda e: Element(e).Z)
+
+
+def hull_data(hull) -> dict:
+    """A HullReference as plain data the session can keep: elements, potential identity and the reference entries
+    (formula, total energy, atoms, formation energy, e_above_hull, source)."""
+    diagram = hull.diagram
+    references = []
+    for ref in hull.references:
+        if ref.status not in USABLE:
+            continue
+        comp = ref.structure.composition
+        references.append({
+            "formula": comp.reduced_formula, "energy": ref.energy, "natoms": int(comp.num_atoms),
+            "composition": {el.symbol: float(a) for el, a in comp.items()},
+            "formation_energy_per_atom": float(diagram.get_form_energy_per_atom(_entry(comp, ref.energy))),
+            "e_above_hull": ref.e_above_hull, "on_hull": ref.on_hull, "source": ref.source,
+        })
+    return {"elements": list(hull.elements), "potential_identity": hull.settings.potential_identity,
+            "potential": hull.potential.name, "references": references}
+
+
+def _entry(comp, energy):
+    from pymatgen.analysis.phase_diagram import PDEntry
+
+    return PDEntry(comp, energy)
+
+
+def phase_diagram(hull: dict):
+    """The pymatgen PhaseDiagram of stored hull data."""
+    from pymatgen.analysis.phase_diagram import PhaseDiagram
+    from pymatgen.core import Element
+
+    entries = [_entry(Composition(r["composition"]), r["energy"]) for r in hull["references"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PhaseDiagram(entries, elements=[Element(e) for e in hull["elements"]])
+
+
+def place_on_hull(hull: dict, composition: Composition, energy_per_atom: float, potential_identity: str,
+                  diagram=None) -> dict:
+    """e_above_hull and formation energy of one relaxed candidate (energy per atom, so any multiple of the formula
+    will do); nothing when potentials differ or the candidate lies outside the hull's chemical system."""
+    if potential_identity != hull["potential_identity"]:
+        return {}
+    if not {el.symbol for el in composition} <= set(hull["elements"]):
+        return {}
+    diagram = diagram or phase_diagram(hull)
+    entry = _entry(composition, energy_per_atom * composition.num_atoms)
+    decomposition, e_hull = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
+    return {"e_above_hull": round(float(e_hull), 5),
+            "formation_energy_per_atom": float(diagram.get_form_energy_per_atom(entry)),
+            "decomposition": {e.composition.reduced_formula: round(float(f), 4) for e, f in decomposition.items()}}
+
+
+def hull_for_session(context: LabContext, session: str, progress: Progress = _no_progress) -> dict:
+    """Build (or load from the hull cache) the convex hull of the session's chemical system with the app's
+    potential, keep it in the session, and place every relaxed candidate on it."""
+    from wyckoff_lab.core.hull import HullReference
+
+    records = context.sessions.candidates(session)
+    if not records:
+        raise JobError("Generate candidates first")
+    batch = context.sessions.batch(session)
+    elements = session_elements(records)
+    if len(elements) > 5:
+        raise JobError(f"The candidates span {len(elements)} elements ({'-'.join(elements)}); a hull needs a "
+                       "chemical system of at most 5: choose the elements in step 1")
+    potential = _potential(context)
+    progress(0, 1, f"relaxing the {'-'.join(elements)} reference phases of {context.settings.dataset} with "
+             f"{potential.name} (cached after the first time)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hull = HullReference.build(elements, potential, dataset=context.settings.dataset,
+                                       max_references=context.settings.hull_max_references,
+                                       fmax=context.settings.relax_fmax, max_steps=context.settings.relax_max_steps)
+    except Exception as exc:  # no data offline, failed elemental references: the message says which
+        raise JobError(f"Cannot build the {'-'.join(elements)} hull: {exc}") from None
+    data = hull_data(hull)
+    context.sessions.set(session, "hull", data)
+    diagram = phase_diagram(data)
+    updates = {}
+    for record in records:
+        if record.get("relax_status") in USABLE and record.get("energy") is not None:
+            energy_per_atom = record["energy"] / record["natoms"]  # relaxation keeps the number of atoms
+            updates[record["id"]] = place_on_hull(data, Composition(record["formula"]), energy_per_atom,
+                                                  record.get("potential_identity"), diagram)
+    context.sessions.update_candidates(session, updates, batch=batch)
+    progress(1, 1, "hull ready")
+    placed = sum(1 for u in updates.values() if u)
+    return {"elements": elements, "references": len(data["references"]), "placed": placed,
+            "hull_seconds": hull.total_time_s, "hull_from_cache": hull.from_cache}
+
+
+def hull_message(summary: dict) -> str:
+    source = "cached" if summary["hull_from_cache"] else f"built in {summary['hull_seconds']:.0f} s"
+    text = (f"{'-'.join(summary['elements'])} hull from {summary['references']} reference phases ({source}); "
+            f"{summary['placed']} relaxed candidates placed")
+    if "relaxed" in summary:
+        text = f"Relaxed {summary['relaxed']} candidates in {summary['seconds']:.0f} s · " + text
+    return text

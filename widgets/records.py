@@ -1,0 +1,193 @@
+"""Candidate records: what the app keeps about each generated crystal, as plain JSON-able dicts.
+
+A record is built once from a `Candidate` (validity flags, detected symmetry, novelty against the reference
+dataset) and later gains its relaxation and hull results. Plain dicts travel between processes and into the
+browser's table without custom serialisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from pymatgen.core import Structure
+from wyckoff_lab.core.symmetry import quiet_spglib, spacegroup
+
+SYMPREC = 0.1  # Å, as for MP-20's labels and WyckoffCrystal
+
+# Columns of the candidate table, in order: (record key, header, type)
+TABLE_COLUMNS = (
+    ("label", "#", "text"),
+    ("formula", "formula", "text"),
+    ("sg_label", "space group", "text"),
+    ("natoms", "atoms", "numeric"),
+    ("valid", "valid", "text"),
+    ("novel_label", "novel", "text"),
+    ("energy_per_atom", "E (eV/atom)", "numeric"),
+    ("e_above_hull", "E hull (eV/atom)", "numeric"),
+    ("relax_status", "relaxation", "text"),
+    ("generator", "generator", "text"),
+)
+
+
+def detect_spacegroup(structure: Structure, symprec: float = SYMPREC) -> int | None:
+    """spglib's space-group number at `symprec`, or None when it finds none (a degenerate cell)."""
+    import spglib
+
+    cell = (structure.lattice.matrix, structure.frac_coords, structure.atomic_numbers)
+    with quiet_spglib():
+        dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
+    return None if dataset is None else int(dataset.number)
+
+
+def spacegroup_label(number: int | None) -> str:
+    if not number:
+        return "?"
+    return f"{spacegroup(number).symbol} ({number})"
+
+
+def build_records(candidates: Sequence, references=None) -> list[dict]:
+    """One record per candidate: structure, symmetry, validity (structural and SMACT) and novelty.
+
+    `references` is a `ReferenceSet` (or None when no reference dataset is available: novelty is then unknown).
+    """
+    from wyckoff_lab.core.metrics import compositional_validity, min_distances
+
+    structures = [c.structure for c in candidates]
+    distances = min_distances(structures)
+    comp_valid = compositional_validity(structures) if structures else np.array([], dtype=bool)
+    novel = references.novel_flags(structures) if references is not None else [None] * len(structures)
+    records = []
+    for i, (candidate, structure) in enumerate(zip(candidates, structures)):
+        detected = detect_spacegroup(structure)
+        struct_valid = bool(np.isfinite(distances[i]) and distances[i] >= 0.5 and structure.volume >= 0.1)
+        records.append({
+            "id": f"c{i + 1:03d}",
+            "label": i + 1,
+            "formula": structure.composition.reduced_formula,
+            "elements": sorted(el.symbol for el in structure.composition),
+            "natoms": len(structure),
+            "spacegroup": detected,
+            "intended_spacegroup": candidate.intended_spacegroup,
+            "sg_label": spacegroup_label(detected or candidate.intended_spacegroup),
+            "struct_valid": struct_valid,
+            "comp_valid": bool(comp_valid[i]),
+            "valid": _valid_label(struct_valid, bool(comp_valid[i])),
+            "novel": novel[i],
+            "novel_label": {True: "novel", False: "in reference", None: "?"}[novel[i]],
+            "min_distance": None if not np.isfinite(distances[i]) else round(float(distances[i]), 3),
+            "density": round(float(structure.density), 3),
+            "generator": candidate.generator,
+            "seed": candidate.seed,
+            "conditions": candidate.conditions.as_dict(),
+            "wyckoff": candidate.wyckoff,
+            "structure": structure.as_dict(),
+            # filled by relaxation and the hull
+            "relax_status": "",
+            "energy_per_atom": None,
+            "e_above_hull": None,
+        })
+    return records
+
+
+def _valid_label(struct_valid: bool, comp_valid: bool) -> str:
+    """Short text for the table: both flags, readable and filterable ('ok', 'distance', 'charge', ...)."""
+    problems = [name for name, ok in (("distances", struct_valid), ("charge", comp_valid)) if not ok]
+    return "ok" if not problems else "bad " + "+".join(problems)
+
+
+class ReferenceSet:
+    """Novelty against a reference dataset (MP-20), indexed lazily by chemical system.
+
+    Only reference rows of a candidate's own chemical system can match it, so each system's rows are turned into
+    structures (and reduced) only when a candidate of that system is checked.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self._indexes: dict[tuple[str, ...], object] = {}
+
+    def index(self, elements: Sequence[str]):
+        from wyckoff_lab.core.metrics import ReferenceIndex
+
+        key = tuple(sorted(elements))
+        if key not in self._indexes:
+            rows = self.dataset.indices_in_chemsys(key)
+            structures = [self.dataset.structure(int(i)) for i in rows]
+            self._indexes[key] = ReferenceIndex(structures)
+        return self._indexes[key]
+
+    def novel_flags(self, structures: Sequence[Structure]) -> list[bool]:
+        flags = []
+        for structure in structures:
+            elements = [el.symbol for el in structure.composition]
+            try:
+                flags.append(not self.index(elements).contains(structure))
+            except Exception:  # a structure StructureMatcher cannot reduce is not in the reference set either
+                flags.append(True)
+        return flags
+
+    def structures_in(self, elements: Sequence[str], limit: int | None = None) -> list[tuple[str, Structure, dict]]:
+        """(material_id, structure, row properties) of the reference rows inside a chemical system."""
+        rows = self.dataset.indices_in_chemsys(elements)
+        if limit is not None:
+            rows = rows[:limit]
+        frame = self.dataset.frame
+        out = []
+        for i in rows:
+            row = frame.iloc[int(i)]
+            props = {"formula": row["formula"], "spacegroup": _int_or_none(row["spacegroup"]),
+                     "e_above_hull": _float_or_none(row["e_above_hull"])}
+            out.append((str(row["material_id"]), self.dataset.structure(int(i)), props))
+        return out
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float_or_none(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def record_structure(record: dict, relaxed: bool = True) -> Structure:
+    """The record's structure: the relaxed one when there is one and `relaxed`, else as generated."""
+    data = record.get("relaxed_structure") if relaxed else None
+    return Structure.from_dict(data or record["structure"])
+
+
+def table_rows(records: Sequence[dict]) -> list[dict]:
+    """Rows for the candidate DataTable: only the displayed columns (plus the row id), numbers rounded."""
+    rows = []
+    for record in records:
+        row = {"id": record["id"]}
+        for key, _, kind in TABLE_COLUMNS:
+            value = record.get(key)
+            if kind == "numeric" and isinstance(value, float):
+                value = round(value, 4)
+            row[key] = value
+        rows.append(row)
+    return rows
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Counts shown above the table: how many candidates, valid, novel, relaxed, on or near the hull."""
+    n = len(records)
+    hull = [r["e_above_hull"] for r in records if r.get("e_above_hull") is not None]
+    return {
+        "n": n,
+        "valid": sum(r["struct_valid"] and r["comp_valid"] for r in records),
+        "novel": sum(bool(r.get("novel")) for r in records),
+        "relaxed": sum(r.get("relax_status") in ("converged", "not_converged") for r in records),
+        "on_hull": sum(e <= 1e-6 for e in hull),
+        "metastable": sum(e <= 0.1 for e in hull),
+    }
+

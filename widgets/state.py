@@ -1,0 +1,101 @@
+"""Per-tab state kept on the server: candidate records, relaxations and hulls, keyed by a session id.
+
+Each browser tab gets its own session id (a `dcc.Store` filled when its page is built), so tabs never see each
+other's candidates. The data itself lives in a diskcache folder rather than in the browser: background jobs run in
+forked processes and must read and update the same records, and a hundred structures would make every callback
+ship megabytes of JSON back and forth. diskcache is process-safe; read-modify-write goes through `transact()`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+
+import diskcache
+
+SESSION_TTL_S = 7 * 24 * 3600  # a tab left open for a week still finds its candidates
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+class SessionStore:
+    """Candidate records and per-session extras (the hull, the last generation's summary) in a diskcache."""
+
+    def __init__(self, folder: str):
+        self.cache = diskcache.Cache(folder, size_limit=2**31)
+
+    def _key(self, session: str, name: str) -> str:
+        if not session or not isinstance(session, str):
+            raise ValueError("no session id: reload the page")
+        return f"session/{session}/{name}"
+
+    # -- candidates -----------------------------------------------------------------------------------------------
+
+    def candidates(self, session: str) -> list[dict]:
+        """The session's candidate records, in generation order (an empty list before the first generation)."""
+        return self.cache.get(self._key(session, "candidates"), default=[])
+
+    def candidate(self, session: str, candidate_id: str | None) -> dict | None:
+        if not candidate_id:
+            return None
+        return next((r for r in self.candidates(session) if r["id"] == candidate_id), None)
+
+    def set_candidates(self, session: str, records: list[dict], batch: str | None = None) -> str:
+        """Replace the candidate set; returns the new batch id (updates addressed to an older batch are dropped)."""
+        batch = batch or uuid.uuid4().hex[:8]
+        with self.cache.transact():
+            self.cache.set(self._key(session, "candidates"), list(records), expire=SESSION_TTL_S)
+            self.cache.set(self._key(session, "batch"), batch, expire=SESSION_TTL_S)
+            self.cache.delete(self._key(session, "hull"))
+        return batch
+
+    def batch(self, session: str) -> str | None:
+        return self.cache.get(self._key(session, "batch"))
+
+    def update_candidates(self, session: str, updates: dict[str, dict], batch: str | None = None) -> int:
+        """Merge fields into records by id, atomically; returns how many records changed.
+
+        With `batch`, nothing changes if the user generated a new set meanwhile (a late relaxation result must not
+        land on an unrelated candidate that happens to share its id).
+        """
+        with self.cache.transact():
+            if batch is not None and self.batch(session) != batch:
+                return 0
+            records = self.candidates(session)
+            changed = 0
+            for record in records:
+                fields = updates.get(record["id"])
+                if fields:
+                    record.update(fields)
+                    changed += 1
+            if changed:
+                self.cache.set(self._key(session, "candidates"), records, expire=SESSION_TTL_S)
+        return changed
+
+    # -- extras ---------------------------------------------------------------------------------------------------
+
+    def get(self, session: str, name: str, default=None):
+        return self.cache.get(self._key(session, name), default=default)
+
+    def set(self, session: str, name: str, value) -> None:
+        self.cache.set(self._key(session, name), value, expire=SESSION_TTL_S)
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def revision() -> str:
+    """A fresh token for the revision store: callbacks that show candidates listen to it, jobs bump it."""
+    return f"{time.time():.6f}-{uuid.uuid4().hex[:6]}"
+
+
+def select_records(records: Iterable[dict], ids: Iterable[str] | None) -> list[dict]:
+    """The records with the given ids, in record order (all records when ids is None)."""
+    if ids is None:
+        return list(records)
+    wanted = set(ids)
+    return [r for r in records if r["id"] in wanted]
+

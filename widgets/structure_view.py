@@ -1,0 +1,170 @@
+"""Step 5, the 3D view: Crystal Toolkit's StructureMoleculeComponent (unit cell, bonds, polyhedra), coloured by
+element or by Wyckoff orbit, with the orbit table of the shown structure beside it."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from dash import Input, Output, State, dash_table, dcc, html, no_update
+from pymatgen.core import Structure
+from wyckoff_lab.core.symmetry import quiet_spglib, spacegroup
+from wyckoff_lab.widgets.base import Widget
+from wyckoff_lab.widgets.records import SYMPREC, record_structure
+
+ORBIT_PROPERTY = "Wyckoff orbit"  # categorical site property: Crystal Toolkit's legend colours by it
+ELEMENT_SCHEME = "VESTA"
+
+
+def annotate_orbits(structure: Structure, symprec: float = SYMPREC) -> tuple[Structure, str]:
+    """A copy of `structure` whose sites carry their Wyckoff orbit ('Ca 4a') as a site property, and the space
+    group label. Symmetry from spglib on this very cell, so every displayed atom gets its own orbit."""
+    import spglib
+
+    annotated = structure.copy()
+    cell = (structure.lattice.matrix, structure.frac_coords, structure.atomic_numbers)
+    with quiet_spglib():
+        dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
+    if dataset is None:
+        annotated.add_site_property(ORBIT_PROPERTY, [f"{site.specie} (no symmetry)" for site in structure])
+        return annotated, "no symmetry found"
+    group = spacegroup(dataset.number)
+    names: dict[int, str] = {}
+    used: dict[str, int] = {}
+    for index, orbit in enumerate(dataset.equivalent_atoms):
+        orbit = int(orbit)
+        if orbit not in names:
+            letter = str(dataset.wyckoffs[index])
+            base = f"{structure[index].specie} {group.wyckoff(letter).label}"
+            used[base] = used.get(base, 0) + 1
+            names[orbit] = base if used[base] == 1 else f"{base} ({used[base]})"
+    annotated.add_site_property(ORBIT_PROPERTY, [names[int(o)] for o in dataset.equivalent_atoms])
+    return annotated, f"{group.symbol} ({group.number})"
+
+
+def orbit_rows(structure: Structure) -> list[dict]:
+    """The Wyckoff form of a structure, one row per orbit: element, position, site symmetry, free parameters."""
+    from wyckoff_lab.core.wyckoff import WyckoffCrystal, WyckoffError
+
+    try:
+        crystal = WyckoffCrystal.from_structure(structure)
+    except WyckoffError as exc:
+        return [{"element": "—", "wyckoff": "—", "site_symmetry": "—", "free": f"not representable: {exc}"}]
+    rows = []
+    for orbit in crystal.orbits:
+        free = ", ".join(f"{n}={v:.3f}" for n, v in zip(orbit.position.free_parameter_names, orbit.free_params))
+        rows.append({"element": orbit.element, "wyckoff": orbit.label, "site_symmetry": orbit.position.site_symmetry,
+                     "free": free or "fixed"})
+    return rows
+
+
+def structure_payload(structure: Structure, title: str, source: str) -> dict:
+    """What the shared structure store holds: the structure and how to title it."""
+    return {"structure": structure.as_dict(), "title": title, "source": source}
+
+
+class StructureView(Widget):
+    """A structure in 3D with its orbit table. Shows the structure in the shared structure store; in the Explorer,
+    `follow_selection` fills that store from the selected candidate (generated or relaxed)."""
+
+    default_prefix = "wl-view"
+
+    def __init__(self, structure: Structure | None = None, title: str | None = None, follow_selection: bool = False,
+                 size: int = 430, **kwargs):
+        from wyckoff_lab.widgets.compat import crystal_toolkit_components
+
+        super().__init__(**kwargs)
+        self.follow_selection = follow_selection
+        self.size = size  # px: Crystal Toolkit's scene is square
+        self.initial = None
+        if structure is not None:
+            self.initial = structure_payload(structure, title or structure.composition.reduced_formula, "given")
+        ctc = crystal_toolkit_components()
+        self.ct = ctc.StructureMoleculeComponent(
+            None, id=self.id("ct"), bonding_strategy="CrystalNN", color_scheme=ELEMENT_SCHEME,
+            show_expand_button=False, show_position_button=True)
+
+    @property
+    def ct_components(self):
+        return [self.ct]
+
+    def page_stores(self):
+        return self.links.stores(structure=self.initial)
+
+    def layout(self):
+        return html.Div([
+            html.Div([html.H2("5 · Structure", className="wl-step"),
+                      html.Div(id=self.id("title"), className="wl-structure-title")], className="wl-row"),
+            html.Div([
+                html.Div(self.ct.layout(size=f"{self.size}px"), className="wl-scene"),
+                html.Div([
+                    html.Div([html.Label("Colour by", className="label is-small"),
+                              dcc.RadioItems(id=self.id("colour"), value="element", inline=True,
+                                             options=[{"label": " element", "value": "element"},
+                                                      {"label": " Wyckoff orbit", "value": "orbit"}])]),
+                    html.Div([html.Label("Show", className="label is-small"),
+                              dcc.RadioItems(id=self.id("which"), value="relaxed", inline=True,
+                                             options=[{"label": " relaxed when available", "value": "relaxed"},
+                                                      {"label": " as generated", "value": "generated"}])],
+                             style={} if self.follow_selection else {"display": "none"}),
+                    html.Div(id=self.id("symmetry"), className="wl-note"),
+                    dash_table.DataTable(
+                        id=self.id("orbits"), data=[], page_size=12,
+                        columns=[{"name": n, "id": i} for i, n in (("element", "element"), ("wyckoff", "Wyckoff"),
+                                                                  ("site_symmetry", "site sym."),
+                                                                  ("free", "free parameters"))],
+                        style_cell={"fontSize": 12, "padding": "2px 6px", "textAlign": "left"},
+                        style_header={"fontWeight": "bold"}),
+                ], className="wl-side"),
+            ], className="wl-columns"),
+        ], className="wl-panel", id=self.id("panel"))
+
+    def register(self, app):
+        context = self.context
+        if self.follow_selection:
+            @app.callback(
+                Output(self.links.structure, "data", allow_duplicate=True),
+                Input(self.links.selected, "data"),
+                Input(self.links.revision, "data"),
+                Input(self.id("which"), "value"),
+                State(self.links.session, "data"),
+                prevent_initial_call=True,
+            )
+            def show_selected(selected, _revision, which, session):
+                record = context.sessions.candidate((session or {}).get("sid"), selected)
+                if record is None:
+                    return no_update
+                relaxed = which == "relaxed" and bool(record.get("relaxed_structure"))
+                title = f"#{record['label']} {record['formula']}" + (" (relaxed)" if relaxed else " (as generated)")
+                return structure_payload(record_structure(record, relaxed), title, record["id"])
+
+        @app.callback(
+            Output(self.ct.id(), "data"),
+            Output(self.id("title"), "children"),
+            Output(self.id("symmetry"), "children"),
+            Output(self.id("orbits"), "data"),
+            Input(self.links.structure, "data"),
+        )
+        def show(payload):
+            if not payload or not payload.get("structure"):
+                return no_update, "Nothing selected yet", "", []
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                structure = Structure.from_dict(payload["structure"])
+                if not np.all(np.isfinite(structure.frac_coords)) or not np.isfinite(structure.volume):
+                    return no_update, payload.get("title", ""), "This structure has non-finite coordinates", []
+                annotated, group = annotate_orbits(structure)
+                rows = orbit_rows(structure)
+            symmetry = f"{len(structure)} atoms in this cell · space group {group} (symprec {SYMPREC} Å)"
+            return annotated.as_dict(), payload.get("title", ""), symmetry, rows
+
+        @app.callback(
+            Output(self.ct.id("display_options"), "data", allow_duplicate=True),
+            Input(self.id("colour"), "value"),
+            State(self.ct.id("display_options"), "data"),
+            prevent_initial_call=True,
+        )
+        def colour_by(colour, options):
+            options = dict(options or {})
+            options["color_scheme"] = ORBIT_PROPERTY if colour == "orbit" else ELEMENT_SCHEME
+            return options

@@ -20,6 +20,17 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WYCKOFF_LAB_CACHE", str(tmp_path_factory.getbasetemp() / "wyckoff-lab-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models gain nothing from a second thread, and OpenMP spin-waiting hurts on a busy 2-core machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def mp20_test_rows():
     """The first 200 rows of MP-20 test as (material_id, Structure, spacegroup.number) — real data."""

@@ -32,17 +32,12 @@ from wyckoff_lab.core.generators.wyckoff_transformer.train import export
 from wyckoff_lab.core.hull import HullPoint
 from wyckoff_lab.core.relax import RelaxResult
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = WyckoffTransformerConfig(d_model=32, n_layers=1, n_heads=2, n_mixture=2, dropout=0.0)
 SMALL_TRAIN_ROWS = 40  # enough for PyXtal's space-group distribution and MP-20's hull, parsed in a second
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP spin-waiting hurts on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

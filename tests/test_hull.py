@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from ase.calculators.calculator import Calculator, all_changes
 from pymatgen.core import Structure
 
@@ -20,16 +19,11 @@ from wyckoff_lab.core import datasets
 from wyckoff_lab.core.hull import HullReference, InconsistentEnergiesError, elemental_structure
 from wyckoff_lab.core.relax import relax
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ELEMENTS = ("Al", "Rh")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny graphs gain nothing from a second thread, and OpenMP spin-waiting hurts on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from wyckoff_lab.core import relax as relax_mod
 from wyckoff_lab.core.relax import PotentialError, RelaxResult, load_potential, relax, relax_frames
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny graphs gain nothing from a second thread, and on a busy 2-core machine OpenMP spin-waiting makes
-    CHGNet up to 40x slower with two threads (measured: 3.1 s vs 0.08 s per NaCl evaluation)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # OpenMP spin-waiting: 3.1 s vs 0.08 s per CHGNet call
 
 
 @pytest.fixture

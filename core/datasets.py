@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import itertools
@@ -12,9 +11,8 @@ import os
 import warnings
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,9 +21,9 @@ import pandas as pd
 from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
-from tqdm import tqdm
 
 from wyckoff_lab.core.paths import DataUnavailableError, cache_dir, fetch_split, file_digest, find_split_file
+from wyckoff_lab.core.parallel import parallel_map
 from wyckoff_lab.core.symmetry import quiet_spglib
 
 log = logging.getLogger(__name__)
@@ -35,7 +33,6 @@ CACHE_VERSION = 1
 # Tolerance (Å) for space groups the CSV lacks; MP-20's own rebuilt rows were labelled with the same value.
 SPACEGROUP_SYMPREC = 0.1
 # A worker process is only worth starting for at least this many CIFs or hull patches.
-_MIN_JOBS_PER_WORKER = 100
 
 # The frame columns every dataset has, in this order; dataset-specific extras follow them.
 FRAME_COLUMNS = (
@@ -272,7 +269,7 @@ def _parse_split(
     table = pd.read_csv(source)
     frame = _source_properties(spec, table)
     jobs = list(zip(table["cif"], frame["spacegroup"].isna()))
-    results = _parallel_map(
+    results = parallel_map(
         _parse_cif, jobs, workers=workers, progress=progress, desc=f"{spec.name}/{split}", unit="cif", chunksize=64
     )
     failures = Counter(reason for reason, _ in results if reason is not None)
@@ -396,31 +393,6 @@ def _read_cache(path: Path, name: str, split: str) -> CrystalDataset | None:
         return None
 
 
-def _parallel_map(
-    func: Callable[[Any], Any],
-    jobs: Sequence[Any],
-    *,
-    workers: int | None,
-    progress: bool,
-    desc: str,
-    unit: str,
-    chunksize: int,
-) -> list[Any]:
-    """`func` over `jobs` in worker processes (in this one when too few jobs pay for a pool), with a progress bar."""
-    n_workers = min(workers or os.cpu_count() or 1, len(jobs) // _MIN_JOBS_PER_WORKER)
-    results = []
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=len(jobs), desc=desc, unit=unit, disable=not progress))
-        if n_workers > 1:
-            mapped = stack.enter_context(Pool(n_workers)).imap(func, jobs, chunksize=chunksize)
-        else:
-            mapped = map(func, jobs)
-        for result in mapped:
-            results.append(result)
-            bar.update()
-    return results
-
-
 def mp20_e_above_hull(
     table: pd.DataFrame | None = None, *, progress: bool = False, workers: int | None = None
 ) -> pd.Series:
@@ -505,7 +477,7 @@ def e_above_hull_from_formation_energies(
         )
         for patch, rows in rows_by_patch.items()
     ]
-    results = _parallel_map(
+    results = parallel_map(
         _patch_e_above_hull, jobs, workers=workers, progress=progress, desc="hull", unit="chemsys", chunksize=16
     )
     values = np.full(len(table), np.nan)

@@ -271,15 +271,7 @@ def _roundtrip_worker(args) -> str | None:
 def roundtrip_failures(structures, symprec: float = DEFAULT_SYMPREC, processes: int | None = None,
                        progress: bool = False) -> list[str | None]:
     """`roundtrip_failure` for many structures, in parallel worker processes, with an optional progress bar."""
-    import multiprocessing
-    import os
+    from wyckoff_lab.core.parallel import parallel_map
 
-    from tqdm import tqdm
-
-    processes = processes or min(len(structures), os.cpu_count() or 1) or 1
-    jobs = [(s, symprec) for s in structures]
-    bar = dict(total=len(jobs), disable=not progress, desc="round trip", unit="structure")
-    if processes <= 1:
-        return [_roundtrip_worker(job) for job in tqdm(jobs, **bar)]
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        return list(tqdm(pool.imap(_roundtrip_worker, jobs, chunksize=16), **bar))
+    return parallel_map(_roundtrip_worker, [(s, symprec) for s in structures], workers=processes,
+                        progress=progress, desc="round trip", unit="structure")

@@ -6,11 +6,11 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 
 import numpy as np
 from pymatgen.core import Lattice, Structure
 
+from wyckoff_lab.core.parallel import parallel_map
 from wyckoff_lab.core.paths import cache_dir
 from wyckoff_lab.core.wyckoff import DEFAULT_SYMPREC, WyckoffCrystal, WyckoffError
 
@@ -64,15 +64,7 @@ def _read(path, n_rows: int) -> list[dict] | None:
 
 
 def _compute(dataset, symprec, progress, workers) -> list[dict]:
-    import multiprocessing
-
-    from tqdm import tqdm
-
     jobs = [(dataset.lattices[i], dataset.frac_coords[dataset.offsets[i]:dataset.offsets[i + 1]],
              dataset.atomic_numbers[dataset.offsets[i]:dataset.offsets[i + 1]], symprec) for i in range(len(dataset))]
-    workers = workers or min(os.cpu_count() or 1, max(1, len(jobs) // 200))
-    bar = dict(total=len(jobs), disable=not progress, desc=f"Wyckoff {dataset.name}/{dataset.split}", unit="crystal")
-    if workers <= 1:
-        return [_represent(job) for job in tqdm(jobs, **bar)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(_represent, jobs, chunksize=64), **bar))
+    return parallel_map(_represent, jobs, workers=workers, progress=progress,
+                        desc=f"Wyckoff {dataset.name}/{dataset.split}", unit="crystal", chunksize=64)

@@ -33,6 +33,21 @@ def quiet_spglib():
             os.environ.pop("SPGLIB_WARNING", None)
         else:
             os.environ["SPGLIB_WARNING"] = previous
+
+
+def detected_spacegroup(structure, symprec: float = 0.1) -> int | None:
+    """The space-group number spglib finds for a pymatgen Structure at `symprec` (Å), None if it finds none."""
+    import spglib
+
+    cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
+    try:
+        with quiet_spglib():
+            dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
+    except Exception:  # spglib raises on degenerate cells (e.g. overlapping atoms)
+        return None
+    return None if dataset is None else int(dataset.number)
+
+
 LATTICE_PARAMETER_NAMES = ("a", "b", "c", "alpha", "beta", "gamma")
 AXES = "xyz"
 

@@ -151,6 +151,38 @@ def test_shipped_weights_sample_valid_structures(shipped_generator):
     assert [c.tokens for c in again.candidates] == [c.tokens for c in result.candidates]  # reproducible by seed
 
 
+def test_quality_gate_resamples_close_sites_and_higher_symmetry(shipped_generator):
+    from wyckoff_lab.core.symmetry import detected_spacegroup
+
+    result = shipped_generator.generate(150, temperature=1.3, seed=11)
+    assert len(result.candidates) == 150, result.failures
+    # At T=1.3 about one structure in eight misses the gate; those attempts are counted, then sampled again.
+    assert sum(result.rejected.values()) > 0
+    # Every attempt is kept, turned down by the gate, or failed.
+    assert result.attempts == len(result.candidates) + sum(result.rejected.values()) + sum(result.failures.values())
+    kept_anyway = [c for c in result.candidates if c.extra]
+    assert len(kept_anyway) <= 2, [c.extra for c in kept_anyway]
+    for candidate in result.candidates:
+        if candidate.extra:
+            continue
+        structure = candidate.structure
+        assert detected_spacegroup(structure, 0.1) == candidate.intended_spacegroup
+        if len(structure) > 1:
+            assert np.min(structure.distance_matrix[np.triu_indices(len(structure), 1)]) >= 0.7
+
+
+def test_quality_gate_keeps_what_only_a_supergroup_can_give(shipped_generator):
+    # R-3 with Na on 3a (0,0,0) and Cl on 3b (0,0,1/2) is always at least R-3m: no resampling can help, so the last
+    # round keeps the structures and says what spglib found instead of returning nothing.
+    result = shipped_generator.generate(4, Conditions(formula="NaCl", spacegroup=148,
+                                                      template=(("Na", "3a"), ("Cl", "3b"))), seed=0)
+    assert len(result.candidates) == 4
+    assert result.rejected == {"spacegroup_mismatch": 8}
+    for candidate in result.candidates:
+        assert candidate.intended_spacegroup == 148
+        assert candidate.extra["detected_spacegroup"] not in (None, 148)
+
+
 def test_shipped_generator_refuses_what_it_cannot_do(shipped_generator):
     with pytest.raises(UnsupportedConditionError, match="never saw"):
         shipped_generator.generate(4, Conditions(elements=("Og",)))

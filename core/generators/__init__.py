@@ -132,12 +132,18 @@ class Candidate:
 
 @dataclass
 class GenerationResult:
-    """A batch of candidates plus the attempts that did not become structures (counted, not dropped)."""
+    """A batch of candidates plus the attempts that did not become structures (counted, not dropped).
+
+    `failures`: attempts that gave no structure (e.g. a decoding dead end). `rejected`: attempts that gave a
+    structure the generator's own quality gate turned down and sampled again (e.g. its space group came out
+    higher than the one sampled); they are counted in `attempts` but are not failures of the sequence model.
+    """
 
     candidates: list[Candidate]
     attempts: int
     failures: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    rejected: dict[str, int] = field(default_factory=dict)
 
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)

@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from wyckoff_lab.core.generators import (
     Candidate,
     Conditions,
@@ -16,10 +18,16 @@ from wyckoff_lab.core.generators import (
     UnsupportedConditionError,
     register_generator,
 )
+from wyckoff_lab.core.symmetry import detected_spacegroup
 
 MODEL_NAME = "wyckoff_transformer"
 MODELS_ENV = "WYCKOFF_LAB_MODELS"
 DEFAULT_MAX_ATOMS = 20  # primitive cell, as in MP-20
+# The quality gate of `generate` (see WyckoffTransformerGenerator._gate): spglib's tolerance of the space-group
+# metrics, Matra-Genoa's bond-consistency distance, and how many times a shortfall is sampled again.
+GATE_SYMPREC = 0.1
+GATE_MIN_DISTANCE_A = 0.7
+RESAMPLE_ROUNDS = 3
 
 
 class ModelLoadError(ValueError):
@@ -66,14 +74,19 @@ class WyckoffTransformerGenerator(Generator):
     description = "Autoregressive transformer over Wyckoff positions and free coordinates (Matra-Genoa)"
     supported_conditions = frozenset({"elements", "formula", "spacegroup", "template", "stability", "max_atoms"})
 
-    def __init__(self, weights: str | Path | None = None, device=None, top_p: float = 1.0, batch_size: int = 256):
+    def __init__(self, weights: str | Path | None = None, device=None, top_p: float = 1.0, batch_size: int = 256,
+                 resample: bool = True, symprec: float = GATE_SYMPREC):
         self.model, self.metadata = load_model(weights, device)
         self.top_p = top_p
         self.batch_size = batch_size
+        self.resample = resample
+        self.symprec = symprec
         self.seen_elements = sorted(self.metadata.get("element_counts", {}))
         self.seen_spacegroups = sorted(int(k) for k in self.metadata.get("spacegroup_counts", {}))
 
     def _generate(self, n, conditions: Conditions, temperature, seed, progress) -> GenerationResult:
+        """Sample `n` sequences and decode them; with `resample`, what fails or misses the quality gate (see
+        `_gate`) is sampled again, RESAMPLE_ROUNDS times at most, and the last round keeps what it gets."""
         from wyckoff_lab.core.generators.wyckoff_transformer.decoding import DecodingPlan
         from wyckoff_lab.core.generators.wyckoff_transformer.sampling import sample_sequences
         from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import decode
@@ -82,24 +95,64 @@ class WyckoffTransformerGenerator(Generator):
         max_atoms = conditions.max_atoms or DEFAULT_MAX_ATOMS
         plan = DecodingPlan.build(conditions, max_atoms, self.seen_elements, self.seen_spacegroups)
         start = time.perf_counter()
-        states = sample_sequences(self.model, plan, n, temperature, self.top_p, seed, self.batch_size, progress)
-        candidates, failures = [], Counter()
-        decoded = []
-        for state in states:
-            if state.failure:
-                failures[state.failure] += 1
-                continue
-            sequence = state.as_sequence()
-            try:
-                crystal, _ = decode(sequence)
-                decoded.append((crystal.as_structure(), crystal, sequence))
-            except ValueError as exc:
-                failures[f"decode: {exc}"] += 1
-        per_candidate = (time.perf_counter() - start) / max(1, n)
-        for structure, crystal, sequence in decoded:
-            candidates.append(Candidate(structure, self.name, conditions, crystal.spacegroup, crystal.as_dict(),
-                                        sequence.as_strings(), per_candidate, seed))
-        return GenerationResult(candidates, attempts=n, failures=dict(failures))
+        kept: list[tuple] = []  # (structure, crystal, sequence, extra)
+        failures, rejected = Counter(), Counter()
+        attempts = 0
+        rounds = RESAMPLE_ROUNDS if self.resample else 1
+        for round_ in range(rounds):
+            wanted = n - len(kept)
+            if wanted <= 0:
+                break
+            last = round_ == rounds - 1
+            round_seed = seed if round_ == 0 or seed is None else int(
+                np.random.SeedSequence([seed, round_]).generate_state(1)[0])
+
+            def report(done: int, total: int, have: int = len(kept)) -> None:
+                if progress:
+                    progress(min(n, have + done), n)
+
+            states = sample_sequences(self.model, plan, wanted, temperature, self.top_p, round_seed,
+                                      self.batch_size, report)
+            attempts += wanted
+            for state in states:
+                if state.failure:
+                    failures[state.failure] += 1
+                    continue
+                sequence = state.as_sequence()
+                try:
+                    crystal, _ = decode(sequence)
+                    structure = crystal.as_structure()
+                except ValueError as exc:
+                    failures[f"decode: {exc}"] += 1
+                    continue
+                problem, extra = self._gate(structure, crystal.spacegroup) if self.resample else (None, {})
+                if problem and not last:
+                    rejected[problem] += 1
+                    continue
+                kept.append((structure, crystal, sequence, extra))
+        per_candidate = (time.perf_counter() - start) / max(1, len(kept))
+        candidates = [Candidate(structure, self.name, conditions, crystal.spacegroup, crystal.as_dict(),
+                                sequence.as_strings(), per_candidate, seed, extra)
+                      for structure, crystal, sequence, extra in kept]
+        return GenerationResult(candidates, attempts=attempts, failures=dict(failures), rejected=dict(rejected))
+
+    def _gate(self, structure, sampled_spacegroup: int) -> tuple[str | None, dict]:
+        """Why a decoded structure is not what was asked for (None if it is), and what a kept one should carry.
+
+        Two ways a valid sequence can still disappoint: two sites closer than GATE_MIN_DISTANCE_A (the coordinates
+        are drawn one orbit at a time, and a later orbit's images can land on an earlier one), and a space group
+        that comes out higher than the sampled one, because the sampled positions together happen to be invariant
+        under a supergroup (e.g. R-3 with every atom on the 3-fold axes is R-3m) or a free coordinate or lattice
+        parameter landed within `symprec` of a special value. Both are resampled; a structure kept in the last
+        round anyway carries what spglib found in `extra`.
+        """
+        distances = structure.distance_matrix[np.triu_indices(len(structure), 1)] if len(structure) > 1 else []
+        if len(distances) and float(np.min(distances)) < GATE_MIN_DISTANCE_A:
+            return "sites_too_close", {"min_distance_A": round(float(np.min(distances)), 3)}
+        found = detected_spacegroup(structure, self.symprec)
+        if found != sampled_spacegroup:
+            return "spacegroup_mismatch", {"detected_spacegroup": found}
+        return None, {}
 
     def _check_feasible(self, conditions: Conditions) -> None:
         """Elements the model never saw get a clear error (impossible templates are refused by DecodingPlan)."""

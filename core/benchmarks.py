@@ -96,6 +96,15 @@ def sample_structures(generator: Generator, n: int, conditions: Conditions, temp
     return Sample(candidates[:n], n, attempts, dict(failures), seconds)
 
 
+def merge_samples(samples: Sequence[Sample]) -> Sample:
+    """One Sample out of several (e.g. one per chemical system): candidates, counts and failures added up."""
+    failures: Counter = Counter()
+    for sample in samples:
+        failures.update(sample.failures)
+    return Sample([c for sample in samples for c in sample.candidates], sum(s.requested for s in samples),
+                  sum(s.attempts for s in samples), dict(failures), sum(s.seconds for s in samples))
+
+
 # -- relaxation and hulls -------------------------------------------------------------------------------------------
 
 

@@ -167,10 +167,41 @@ def test_cli_recover_refuses_a_system_without_held_out_structures(tiny_transform
     (["recover", "--systems", "Al-Qq"], "cannot read 'Al-Qq'"),
     (["sun", "--n", "0"], "--n must be at least 1"),
     (["sun", "--max-references", "-1"], "--max-references"),
+    (["sun", "--n", "1", "--systems", "Li-O,Na-Cl"], "fewer than the 2 systems"),
+    (["sun", "--systems", "Na-Qq"], "cannot read 'Na-Qq'"),
 ])
 def test_cli_bad_arguments_fail_before_any_work(argv, message, capsys):
     assert main(["bench", *argv, "--json"]) == 2
     assert message in json.loads(capsys.readouterr().out)["message"]
+
+
+@pytest.fixture
+def na_cl_mp20(real_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """A data folder with the real MP-20 rows inside Na-Cl (every split) plus the first train rows, and a fresh
+    cache: the hull and the novelty reference then parse in seconds."""
+    root = tmp_path / "data"
+    (root / "mp_20").mkdir(parents=True)
+    for name in ("train", "train_meta_nocoords", "val", "test"):
+        table = pd.read_csv(real_data / "mp_20" / f"{name}.csv.gz")
+        inside = table["elements"].map(_chemsys).isin({"Na", "Cl", "Cl-Na"})
+        table[inside | (table.index < (SMALL_TRAIN_ROWS if name.startswith("train") else 0))].to_csv(
+            root / "mp_20" / f"{name}.csv.gz", index=False)
+    monkeypatch.setenv(paths.DATA_ENV, str(root))
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
+
+
+def test_cli_sun_on_one_system_with_chgnet(na_cl_mp20, capsys):
+    # The whole S.U.N. path on real data: PyXtal samples in Na-Cl, CHGNet relaxes them and the Na-Cl hull of MP-20
+    # references relaxed alike, then S.U.N. is counted.
+    assert main(["bench", "sun", "--n", "2", "--systems", "Na-Cl", "--generators", "pyxtal", "--relax", "chgnet",
+                 "--max-references", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    row = report["generators"]["pyxtal"]
+    assert report["systems"] == ["Cl-Na"] and report["potential"] == "chgnet"
+    assert row["structures"] == 2 and row["relaxed"] + row["relax_status"].get("atoms_too_close", 0) >= 1
+    assert row["hull_systems"] == 1 and not row["hull_failures"]
+    assert row["n_e_above_hull"] >= 1 and row["e_above_hull_mean"] > -1.0
+    assert 0.0 <= row["msun_rate"] <= 1.0
 
 
 # -- hand-made inputs -------------------------------------------------------------------------------------------------

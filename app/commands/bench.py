@@ -52,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stability token to condition on, for generators that support it (the transformer)")
     p.add_argument("--max-references", type=int, default=3,
                    help="hull references: the N lowest-DFT-energy MP-20 polymorphs per formula (default 3; 0 = all)")
+    p.add_argument("--systems", default=None,
+                   help="comma-separated chemical systems (e.g. Li-Fe-O,Al-Ca-Cu): condition every generator on "
+                        "them, --n split evenly, so only their hulls are built (default: unconditioned samples, a "
+                        "hull per system they land in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -226,6 +230,9 @@ def run_sun(args: argparse.Namespace) -> int:
         raise CommandError(f"--temperature must be a positive number, got {args.temperature}")
     if args.max_references < 0:
         raise CommandError(f"--max-references must be 0 (all) or more, got {args.max_references}")
+    systems = _parse_systems(args.systems) if args.systems else [None]
+    if len(systems) > args.n:
+        raise CommandError(f"--n {args.n} is fewer than the {len(systems)} systems asked for")
     names = _parse_names(args.generators)
     progress = sys.stderr.isatty()
     try:
@@ -241,14 +248,14 @@ def run_sun(args: argparse.Namespace) -> int:
     report: dict = {"machine": machine_info(), "n": args.n, "potential": potential.name,
                     "potential_identity": potential.identity, "temperature": args.temperature,
                     "stability": args.stability, "max_references": args.max_references, "seed": args.seed,
-                    "generators": {}}
+                    "systems": None if systems == [None] else systems, "generators": {}}
     for name in names:
         try:
             generator = get_generator(name)
         except ValueError as exc:  # unknown name, or weights not shipped / unreadable (ModelLoadError)
             report["generators"][name] = {"error": str(exc)}
             continue
-        report["generators"][name] = sun_of_generator(generator, args, potential, book, train, progress)
+        report["generators"][name] = sun_of_generator(generator, args, systems, potential, book, train, progress)
     rates = {name: row.get("sun_rate") for name, row in report["generators"].items()}
     report["sun_ratio_transformer_over_pyxtal"] = (
         rates[TRANSFORMER] / rates[PYXTAL] if rates.get(TRANSFORMER) is not None and rates.get(PYXTAL) else None)
@@ -260,21 +267,27 @@ def run_sun(args: argparse.Namespace) -> int:
     return 0
 
 
-def sun_of_generator(generator, args: argparse.Namespace, potential, book, train, progress: bool) -> dict:
-    """Sample, relax every structure, place it on its system's hull, then count S.U.N. and M.S.U.N.
+def sun_of_generator(generator, args: argparse.Namespace, systems: list[str | None], potential, book, train,
+                     progress: bool) -> dict:
+    """Sample (args.n split evenly over `systems`, None meaning unconditioned), relax every structure, place it on
+    its system's hull, then count S.U.N. and M.S.U.N.
 
     The stability condition goes only to generators that honour it: PyXtal has no such control, and refusing the
     whole run for it would leave the baseline out.
     """
     from collections import Counter
 
-    from wyckoff_lab.core.benchmarks import place_on_hulls, relax_all, sample_structures, sun_summary
+    from wyckoff_lab.core.benchmarks import merge_samples, place_on_hulls, relax_all, sample_structures, sun_summary
     from wyckoff_lab.core.generators import Conditions
     from wyckoff_lab.core.hull import USABLE_STATUSES
 
     stability = args.stability if "stability" in generator.supported_conditions else None
-    sample = sample_structures(generator, args.n, Conditions(stability=stability), args.temperature, args.seed,
-                               progress, desc=f"{generator.name} sampling")
+    shares = [args.n // len(systems) + (i < args.n % len(systems)) for i in range(len(systems))]
+    samples = [sample_structures(generator, share, Conditions(elements=tuple(system.split("-")) if system else None,
+                                                             stability=stability),
+                                 args.temperature, args.seed, progress, desc=f"{generator.name} sampling {system or ''}")
+               for system, share in zip(systems, shares)]
+    sample = merge_samples(samples)
     results, relax_s = relax_all([c.structure for c in sample.candidates], potential, progress=progress,
                                  desc=f"{generator.name} relaxing")
     placement = place_on_hulls(results, book, progress)

@@ -78,7 +78,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from wyckoff_lab.core.generators import get_generator
     from wyckoff_lab.core.paths import DataUnavailableError
 
     if args.n < 1:
@@ -93,12 +92,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
     report: dict = {"machine": machine_info(), "n": args.n, "seed": args.seed, "resample": not args.no_resample,
                     "generators": {}}
-    for name in names:
-        try:
-            generator = get_generator(name, **({"resample": False} if args.no_resample and name == TRANSFORMER
-                                               else {}))
-        except ValueError as exc:  # unknown name, or weights not shipped / unreadable (ModelLoadError)
-            report["generators"][name] = {"error": str(exc)}
+    for name, generator in load_generators(names, raw_transformer=args.no_resample).items():
+        if isinstance(generator, Exception):
+            report["generators"][name] = {"error": str(generator)}
             continue
         generator.generate(WARMUP_STRUCTURES, seed=args.seed)
         runs = temperatures if generator.uses_temperature else [1.0]
@@ -177,6 +173,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_generators(names: list[str], raw_transformer: bool = False) -> dict:
+    """name -> Generator, or the ValueError that loading it raised (an unknown name, or weights not shipped or
+    unreadable: ModelLoadError), so that one missing generator is reported without stopping the others."""
+    from wyckoff_lab.core.generators import get_generator
+
+    generators: dict = {}
+    for name in names:
+        try:
+            generators[name] = get_generator(name, **({"resample": False} if raw_transformer and name == TRANSFORMER
+                                                      else {}))
+        except ValueError as exc:
+            generators[name] = exc
+    return generators
+
+
 def _parse_names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -219,7 +230,6 @@ def format_report(report: dict) -> str:
 def run_sun(args: argparse.Namespace) -> int:
     from wyckoff_lab.core.benchmarks import HullBook
     from wyckoff_lab.core.datasets import load_dataset
-    from wyckoff_lab.core.generators import get_generator
     from wyckoff_lab.core.metrics import ReferenceIndex
     from wyckoff_lab.core.paths import DataUnavailableError
     from wyckoff_lab.core.relax import PotentialError, resolve_potential
@@ -249,11 +259,9 @@ def run_sun(args: argparse.Namespace) -> int:
                     "potential_identity": potential.identity, "temperature": args.temperature,
                     "stability": args.stability, "max_references": args.max_references, "seed": args.seed,
                     "systems": None if systems == [None] else systems, "generators": {}}
-    for name in names:
-        try:
-            generator = get_generator(name)
-        except ValueError as exc:  # unknown name, or weights not shipped / unreadable (ModelLoadError)
-            report["generators"][name] = {"error": str(exc)}
+    for name, generator in load_generators(names).items():
+        if isinstance(generator, Exception):
+            report["generators"][name] = {"error": str(generator)}
             continue
         report["generators"][name] = sun_of_generator(generator, args, systems, potential, book, train, progress)
     rates = {name: row.get("sun_rate") for name, row in report["generators"].items()}
@@ -371,7 +379,6 @@ def run_recover(args: argparse.Namespace) -> int:
         select_held_out_systems,
     )
     from wyckoff_lab.core.datasets import load_dataset
-    from wyckoff_lab.core.generators import get_generator
     from wyckoff_lab.core.paths import DataUnavailableError
     from wyckoff_lab.core.relax import PotentialError, resolve_potential
 
@@ -402,12 +409,7 @@ def run_recover(args: argparse.Namespace) -> int:
     if empty:
         raise CommandError(f"no MP-20 val/test structure in {', '.join(empty)}: nothing to recover")
 
-    generators = {}
-    for name in names:
-        try:
-            generators[name] = get_generator(name)
-        except ValueError as exc:  # unknown name, or weights not shipped / unreadable (ModelLoadError)
-            generators[name] = exc
+    generators = load_generators(names)
     report: dict = {"machine": machine_info(), "budgets": budgets, "temperature": args.temperature,
                     "seed": args.seed, "relax": potential.name if potential else None,
                     "relax_steps": RECOVER_RELAX_STEPS if potential else None, "selection": selection,

@@ -127,33 +127,31 @@ def _assign(remaining: tuple[tuple[str, int], ...], fixed: tuple[WyckoffPosition
             repeatable: tuple[WyckoffPosition, ...]):
     """One way to give every element its atom count: a subset of unused 0-DOF positions plus repeatable ones.
 
-    Depth-first over elements; the 0-DOF positions are shared, so each subset taken by one element is removed
-    for the next. Returns ((element, labels), ...) or None.
+    The labelled twin of `counts_feasible`, on the same subset and coin-change searches: depth-first over elements;
+    the 0-DOF positions are shared, so those taken by one element are removed for the next. 0-DOF positions of
+    equal multiplicity are interchangeable here, so a subset of multiplicities takes the first such positions.
+    Returns ((element, labels), ...) or None.
     """
     if not remaining:
         return ()
     (element, count), rest = remaining[0], remaining[1:]
-    for subset in _fixed_subsets(fixed, count):
-        left = count - sum(wp.multiplicity for wp in subset)
-        repeated = _coin_change(left, repeatable)
-        if repeated is None:
-            continue
-        unused = tuple(wp for wp in fixed if wp not in subset)
-        tail = _assign(rest, unused, repeatable)
+    repeatable_by_multiplicity = {wp.multiplicity: wp for wp in repeatable}
+    options = []
+    for subset in _multiplicity_subsets(tuple(sorted(wp.multiplicity for wp in fixed)), count):
+        coins = _fewest_coins(count - sum(subset), tuple(repeatable_by_multiplicity))
+        if coins is not None:
+            options.append((subset, coins))
+    for subset, coins in sorted(options, key=lambda option: len(option[0]) + len(option[1])):  # fewest orbits first
+        taken, unused = [], list(fixed)
+        for m in subset:
+            wp = next(wp for wp in unused if wp.multiplicity == m)
+            taken.append(wp)
+            unused.remove(wp)
+        tail = _assign(rest, tuple(unused), repeatable)
         if tail is not None:
-            labels = tuple(wp.label for wp in subset) + repeated
+            labels = tuple(wp.label for wp in taken) + tuple(repeatable_by_multiplicity[m].label for m in coins)
             return ((element, labels),) + tail
     return None
-
-
-def _fixed_subsets(fixed: tuple[WyckoffPosition, ...], budget: int):
-    """Subsets of 0-DOF positions whose multiplicities sum to at most `budget`, smallest first."""
-    def extend(start, chosen, total):
-        yield chosen
-        for i in range(start, len(fixed)):
-            if total + fixed[i].multiplicity <= budget:
-                yield from extend(i + 1, chosen + (fixed[i],), total + fixed[i].multiplicity)
-    return sorted(extend(0, (), 0), key=len)
 
 
 def _repeatable_positions(group: SpaceGroupInfo) -> tuple[WyckoffPosition, ...]:
@@ -163,19 +161,6 @@ def _repeatable_positions(group: SpaceGroupInfo) -> tuple[WyckoffPosition, ...]:
         if wp.dof > 0 and (wp.multiplicity not in chosen or wp.dof < chosen[wp.multiplicity].dof):
             chosen[wp.multiplicity] = wp
     return tuple(sorted(chosen.values(), key=lambda wp: wp.multiplicity))
-
-
-def _coin_change(count: int, repeatable: tuple[WyckoffPosition, ...]) -> tuple[str, ...] | None:
-    """Write `count` as a sum of repeatable multiplicities with the fewest orbits; their labels, or None."""
-    best: list[tuple[str, ...] | None] = [()] + [None] * count
-    for total in range(1, count + 1):
-        for wp in repeatable:
-            m = wp.multiplicity
-            if m <= total and best[total - m] is not None:
-                candidate = best[total - m] + (wp.label,)
-                if best[total] is None or len(candidate) < len(best[total]):
-                    best[total] = candidate
-    return best[count]
 
 
 def _explain(remaining: dict[str, int], fixed, repeatable, group: SpaceGroupInfo) -> str:
@@ -205,7 +190,8 @@ def counts_feasible(counts: tuple[int, ...], fixed: tuple[int, ...], repeatable:
         left_fixed = list(fixed)
         for m in subset:
             left_fixed.remove(m)
-        if _coin_reachable(first - sum(subset), repeatable) and counts_feasible(rest, tuple(left_fixed), repeatable):
+        if (_fewest_coins(first - sum(subset), repeatable) is not None
+                and counts_feasible(rest, tuple(left_fixed), repeatable)):
             return True
     return False
 
@@ -220,8 +206,13 @@ def _multiplicity_subsets(fixed: tuple[int, ...], budget: int) -> tuple[tuple[in
 
 
 @functools.lru_cache(maxsize=50_000)
-def _coin_reachable(count: int, repeatable: tuple[int, ...]) -> bool:
-    reachable = [True] + [False] * count
+def _fewest_coins(count: int, multiplicities: tuple[int, ...]) -> tuple[int, ...] | None:
+    """`count` as a sum of `multiplicities` (each usable any number of times) with the fewest terms, or None."""
+    best: list[tuple[int, ...] | None] = [()] + [None] * count
     for total in range(1, count + 1):
-        reachable[total] = any(m <= total and reachable[total - m] for m in repeatable)
-    return reachable[count]
+        for m in multiplicities:
+            if m <= total and best[total - m] is not None:
+                candidate = best[total - m] + (m,)
+                if best[total] is None or len(candidate) < len(best[total]):
+                    best[total] = candidate
+    return best[count]

@@ -205,3 +205,27 @@ def test_key_value_cache_matches_full_forward():
     steps = [model(tokens[:, t:t + 1], values[:, t:t + 1], kinds[:, t:t + 1], cache=cache, start=t)
              for t in range(tokens.shape[1])]
     assert torch.allclose(full, torch.cat(steps, dim=1), atol=1e-5)
+
+
+def test_cli_sample_writes_cifs_extxyz_and_metadata(shipped_generator, tmp_path, capsys):
+    import json
+
+    from ase.io import read
+    from pymatgen.core import Structure
+
+    from wyckoff_lab.app.cli import main
+
+    out = tmp_path / "samples"
+    assert main(["sample", "--generator", "wyckoff-transformer", "--n", "12", "--elements", "Al,Ca,Cu",
+                 "--spacegroup", "225", "--temperature", "1.0", "--seed", "5", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["structures"] == 12 and summary["top_spacegroups"] == {"225": 12}
+    assert summary["attempts"] == 12 + sum(summary["resampled"].values()) + sum(summary["failures"].values())
+    cifs = sorted(out.glob("*.cif"))
+    assert len(cifs) == 12 and len(read(out / "candidates.extxyz", index=":")) == 12
+    records = json.loads((out / "candidates.json").read_text())
+    assert [r["name"] for r in records] == [c.stem for c in cifs]
+    for cif, record in zip(cifs, records):
+        structure = Structure.from_file(cif)
+        assert {el.symbol for el in structure.composition} == {"Al", "Ca", "Cu"}
+        assert record["intended_spacegroup"] == 225 and record["tokens"]

@@ -58,11 +58,13 @@ def _sample(args) -> int:
     written = write_candidates(result.candidates, Path(args.out)) if args.out else None
     spacegroups = Counter(c.intended_spacegroup for c in result.candidates)
     summary = {"generator": args.generator, "requested": args.n, "structures": len(result.candidates),
-               "failures": result.failures, "seconds": round(result.seconds, 3),
+               "attempts": result.attempts, "failures": result.failures, "resampled": result.rejected,
+               "seconds": round(result.seconds, 3),
                "conditions": conditions.as_dict(), "temperature": args.temperature, "seed": args.seed,
                "top_spacegroups": dict(spacegroups.most_common(10)), "out": written}
     text = (f"{len(result.candidates)}/{args.n} structures from {args.generator} in {result.seconds:.2f} s"
             + (f"; written to {written}" if written else "")
-            + (f"; failures {result.failures}" if result.failures else ""))
+            + (f"; failures {result.failures}" if result.failures else "")
+            + (f"; sampled again after the quality gate: {result.rejected}" if result.rejected else ""))
     emit(summary, args.json, text)
     return 0

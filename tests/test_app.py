@@ -103,6 +103,59 @@ def test_compat_legend_for_site_property_colours(ctc):
     assert labels == {"Na 4a", "Cl 4b"}
 
 
+def test_compat_imports_only_the_structure_component():
+    """The app imports Crystal Toolkit's structure component without the 20 others (band structures, phonons, the
+    Materials Project client...); asking the package for any other component still imports it as upstream does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from wyckoff_lab.widgets import compat\n"
+        "ctc = compat.crystal_toolkit_components()\n"
+        "assert ctc.StructureMoleculeComponent.__name__ == 'StructureMoleculeComponent'\n"
+        "heavy = [m for m in ('crystal_toolkit.components.phonon', 'crystal_toolkit.components.bandstructure',"
+        " 'crystal_toolkit.components.search', 'mp_api') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from crystal_toolkit.components import PhaseDiagramComponent\n"
+        "import crystal_toolkit.components as again\n"
+        "assert again is ctc and 'crystal_toolkit.components.phonon' in sys.modules and ctc.register_app\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_scene_frames_the_structure_across_the_screen(context):
+    """Crystal Toolkit frames the 3D diagonal of the scene (a cell long along the line of sight came out a tenth of
+    the view); the views frame the extent across the screen (the browser test measures the drawn structure)."""
+    from wyckoff_lab.widgets.structure_view import FRAME_FILL, SCENE_SETTINGS, StructureView
+
+    view = StructureView(rocksalt(), context=context)
+    assert view.ct.initial_scene_settings["zoomToFit2D"] is True
+    assert view.ct.initial_scene_settings["defaultZoom"] == FRAME_FILL == SCENE_SETTINGS["defaultZoom"]
+
+
+def test_relaxation_frames_keep_their_bonds_across_the_cell_face():
+    """Frames come wrapped into the cell: an atom that crosses a face keeps its bonds (no bond across the cell)."""
+    from wyckoff_lab.widgets.structure_view import BondCache
+
+    structure = rocksalt()
+    cache = BondCache()
+    first = cache.graph(structure)  # the structure shown before Relax: CrystalNN
+    frac = structure.frac_coords.copy()
+    frac[0] = [-0.01, 0.0, 0.0]  # atom 0 moves out through the face and comes back wrapped at x = 0.99
+    frame = Structure(structure.lattice, structure.species, np.mod(frac, 1))
+    moved = cache.graph(frame, "relax-test")  # no CrystalNN: the bonds of the first frame
+
+    def longest(graph):
+        return max(graph.structure[u].distance(graph.structure[v], jimage=d["to_jimage"])
+                   for u, v, d in graph.graph.edges(data=True))
+
+    assert len(moved.graph.edges) == len(first.graph.edges) > 0
+    assert abs(longest(first) - 2.82) < 0.01 and longest(moved) < 2.95  # 5.6 Å if the image were not followed
+    assert cache.graph(frame, "relax-test").graph.edges == moved.graph.edges
+
+
 # -- steps 1 and 2: chemistry and symmetry ----------------------------------------------------------------------------
 
 
@@ -194,6 +247,46 @@ def test_unseen_element_with_the_transformer(context, tmp_path, monkeypatch):
         run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 2, elements=["Xe", "F"]))
 
 
+def test_parallel_generation_splits_and_merges(context):
+    """PyXtal's samples are independent: a request is shared by worker processes, deterministically per seed."""
+    from wyckoff_lab.core.generators import Conditions
+    from wyckoff_lab.widgets.jobs import generate_in_workers, generation_workers
+
+    generator = context.generator("pyxtal")
+    conditions = Conditions(elements=("Na", "Cl"), max_atoms=8)
+    seen = []
+    first = generate_in_workers(generator, 6, conditions, 1.0, 7, 2, lambda done, total: seen.append((done, total)))
+    again = generate_in_workers(generator, 6, conditions, 1.0, 7, 2, lambda done, total: None)
+    assert len(first.candidates) == 6 and first.attempts >= 6 and seen and seen[-1][1] == 6
+    assert [c.structure.composition for c in first.candidates] == [c.structure.composition for c in again.candidates]
+    assert all(c.structure.composition.reduced_formula == "NaCl" for c in first.candidates)
+    assert generation_workers(context, generator, 5) == 1  # too few samples to pay for a worker
+    assert generation_workers(context, type("T", (), {"name": "wyckoff-transformer"})(), 500) == 1  # batched model
+
+
+def test_records_flag_symmetry_as_sampled_and_messages_count_resamples():
+    from wyckoff_lab.core.generators import Conditions
+    from wyckoff_lab.widgets.jobs import generation_message
+    from wyckoff_lab.widgets.records import build_records, symmetry_label, table_rows
+
+    def candidate(intended, extra=None):
+        c = type("C", (), {})()
+        c.__dict__.update(structure=rocksalt(), generator="test", conditions=Conditions(), seed=None,
+                          intended_spacegroup=intended, wyckoff=None, extra=extra or {})
+        return c
+
+    records = build_records([candidate(225), candidate(221, {"detected_spacegroup": 225}), candidate(None)])
+    assert [r["symmetry"] for r in records] == ["as sampled", "found 225 (sampled 221)", ""]
+    assert records[1]["extra"] == {"detected_spacegroup": 225} and "symmetry" in table_rows(records)[1]
+    assert symmetry_label(12, None) == "none found (sampled 12)"
+    summary = {"n": 100, "attempts": 109, "failures": {}, "rejected": {"spacegroup_mismatch": 5,
+                                                                        "sites_too_close": 4},
+               "seconds": 2.0, "check_seconds": 0.5, "valid": 100, "novel": 99, "novelty_known": True}
+    text = generation_message(summary, "wyckoff-transformer")
+    assert "9 sampled again by the quality gate (spacegroup mismatch 5, sites too close 4)" in text
+    assert "failed" not in text  # resampled by the gate is not a failure (it read "9 attempts failed ()")
+
+
 # -- steps 5 and 6: structure view and relaxation ---------------------------------------------------------------------
 
 
@@ -236,6 +329,60 @@ def test_a_relaxation_that_cannot_run_keeps_the_structure(context):
     assert context.sessions.candidate("tab", "c001")["structure"]
     with pytest.raises(JobError, match="Select a candidate"):
         relax_one(context, "tab", None, lambda frame, history: None)
+
+
+def _relaxable_records(n: int) -> list[dict]:
+    from wyckoff_lab.core.generators import Conditions
+    from wyckoff_lab.widgets.records import build_records
+
+    candidates = []
+    for i in range(n):
+        structure = rocksalt()
+        structure.perturb(0.05 + 0.01 * i, 0.0)
+        c = type("C", (), {})()
+        c.__dict__.update(structure=structure, generator="test", conditions=Conditions(), seed=None,
+                          intended_spacegroup=225, wyckoff=None)
+        candidates.append(c)
+    return build_records(candidates)
+
+
+def test_cancelled_relaxation_stores_and_reports_nothing_more(context):
+    """Relax pressed, then cancel: no frame is reported after the cancel and nothing of that run is stored; a cancel
+    recorded before the job starts (it waited for the warm-up) stops it before its first step."""
+    from wyckoff_lab.widgets.jobs import JobCancelled, cancel_check, relax_one, request_cancel
+
+    context.sessions.set_candidates("tab", _relaxable_records(1))
+    frames = []
+    with pytest.raises(JobCancelled, match="cancelled at step"):
+        relax_one(context, "tab", "c001", lambda frame, history: frames.append(frame.step),
+                  cancelled=lambda: len(frames) >= 2)
+    assert len(frames) == 2
+    assert context.sessions.candidate("tab", "c001")["relax_status"] == ""  # as generated, nothing half-stored
+
+    request_cancel(context, "tab", "relax", 3)  # the cancel button's 3rd click
+    with pytest.raises(JobCancelled, match="step 0"):
+        relax_one(context, "tab", "c001", lambda frame, history: frames.append(frame.step),
+                  cancelled=cancel_check(context, "tab", "relax", 2))  # asked for at 2 clicks: cancelled since
+    assert len(frames) == 2
+    assert not cancel_check(context, "tab", "relax", 3)()  # the next Relax (at 3 clicks) is not cancelled
+
+
+def test_cancelled_relax_all_keeps_what_was_relaxed_before(context, monkeypatch):
+    from wyckoff_lab.widgets import jobs
+
+    monkeypatch.setattr(jobs, "RELAX_CHUNK", 1)
+    context.sessions.set_candidates("tab", _relaxable_records(2))
+    def first_done() -> bool:  # the user presses cancel once the first batch is stored
+        return context.sessions.candidates("tab")[0]["relax_status"] != ""
+
+    with pytest.raises(jobs.JobCancelled, match="1 of 2 candidates were relaxed before the cancel"):
+        jobs.relax_all(context, "tab", cancelled=first_done)
+    first, second = context.sessions.candidates("tab")
+    assert first["relax_status"] in jobs.USABLE and first["relaxed_structure"]
+    assert second["relax_status"] == "" and not second.get("relaxed_structure")
+    # a write that finds the cancel inside its transaction does not happen
+    assert context.sessions.update_candidates("tab", {"c002": {"relax_status": "converged"}},
+                                              unless=lambda: True) == 0
 
 
 # -- step 7: hull ------------------------------------------------------------------------------------------------------
@@ -287,6 +434,33 @@ def test_hull_placement_and_figures(elements):
     assert candidates and list(candidates[0].customdata) == ["c001"]
     assert hull_histogram([record]).data[0].x == (placed["e_above_hull"],)
     assert "No hull yet" in hull_figure(None, []).layout.title.text
+
+
+def test_hull_points_select_candidates_and_show_reference_phases(context):
+    """Reference phases and relaxed candidates are both on the diagram; clicking a candidate selects it, clicking a
+    reference phase shows its relaxed structure in the 3D view."""
+    from dash import no_update
+    from pymatgen.core import Composition
+    from wyckoff_lab.widgets.hull import REFERENCE_PREFIX, clicked_point, hull_figure
+    from wyckoff_lab.widgets.jobs import place_on_hull
+
+    hull = _toy_hull(("Al", "Ca", "Cu"))
+    hull["references"][0]["structure"] = rocksalt().as_dict()  # stands in for the relaxed phase
+    records = _relaxable_records(1)
+    records[0].update(formula="CaAlCu", label=1, sg_label="P1 (1)",
+                      **place_on_hull(hull, Composition("CaAlCu"), -2.5, "toy"))
+    context.sessions.set_candidates("tab", records)
+    context.sessions.set("tab", "hull", hull)
+    figure = hull_figure(hull, records)
+    keys = [k for trace in figure.data if trace.customdata is not None for k in trace.customdata]
+    assert "c001" in keys and sum(k.startswith(REFERENCE_PREFIX) for k in keys) == len(hull["references"])
+
+    selected, structure, status = clicked_point(context, "tab", {"points": [{"customdata": "c001"}]})
+    assert selected == "c001" and "#1 CaAlCu" in status.children
+    selected, structure, status = clicked_point(context, "tab", {"points": [{"customdata": f"{REFERENCE_PREFIX}0"}]})
+    ref = hull["references"][0]
+    assert structure["structure"] and ref["formula"] in structure["title"] and ref["formula"] in status.children
+    assert clicked_point(context, "tab", {"points": [{}]})[0] is no_update
 
 
 # -- step 8: embeddings ------------------------------------------------------------------------------------------------
@@ -359,9 +533,15 @@ def app(context):
     return create_app(context, elements=["Al", "Ca", "Cu"])
 
 
-def call(app, output: str, inputs: dict, state: dict | None = None, changed: str | None = None):
-    """POST one callback to /_dash-update-component as the browser would; returns the response for `output`."""
-    key = next(k for k in app.callback_map if output in k.strip(".").split("..."))
+def call(app, output: str, inputs: dict, state: dict | None = None, changed: str | None = None,
+         query: str = ""):
+    """POST one callback to /_dash-update-component as the browser would; returns the response for `output`.
+
+    `output` may name an output several callbacks share (allow_duplicate): the one listening to `inputs` is called.
+    """
+    key = next(k for k, spec in app.callback_map.items()
+               if output in [o.split("@")[0] for o in k.strip(".").split("...")]
+               and set(inputs) <= {f"{i['id']}.{i['property']}" for i in spec["inputs"]})
     spec = app.callback_map[key]
 
     def items(specs, values):
@@ -373,7 +553,7 @@ def call(app, output: str, inputs: dict, state: dict | None = None, changed: str
     payload = {"output": key, "outputs": outputs if len(outputs) > 1 else outputs[0],
                "inputs": items(spec["inputs"], inputs), "state": items(spec["state"], state or {}),
                "changedPropIds": [changed or next(iter(inputs))]}
-    response = app.server.test_client().post("/_dash-update-component", json=payload)
+    response = app.server.test_client().post("/_dash-update-component" + query, json=payload)
     assert response.status_code in (200, 204), response.data[:500]
     return json.loads(response.data)["response"] if response.status_code == 200 else None
 
@@ -431,6 +611,36 @@ def test_callbacks_chemistry_symmetry_and_table(app, context):
     view = call(app, "wl-view-title.children", {"wl-structure.data": {
         "structure": rocksalt().as_dict(), "title": "NaCl", "source": "test"}})
     assert "Fm-3m (225)" in view["wl-view-symmetry"]["children"] and view["wl-view-orbits"]["data"]
+
+
+def test_cancel_through_the_page_leaves_a_consistent_state(app, context):
+    """Pressing cancel records it, refreshes what the page shows from the session (what was relaxed before the
+    cancel), and a frame of the cancelled run still waiting to be polled is not shown."""
+    from types import SimpleNamespace
+
+    from wyckoff_lab.widgets.relaxation import frame_payload
+
+    records = _relaxable_records(2)
+    records[0]["relax_status"] = "converged"
+    context.sessions.set_candidates("tab", records)
+    session = {"wl-session.data": {"sid": "tab"}}
+    frame = SimpleNamespace(step=3, structure=rocksalt(), result=None)
+    late = frame_payload(frame, [{"step": 3, "energy_per_atom": -3.0, "max_force": 0.5}], "#2", cancel_clicks=0)
+    shown = call(app, "wl-structure.data", {"wl-relax-frame.data": late}, session)
+    assert shown["wl-structure"]["data"]["title"] == "#2: step 3 (relaxing)"  # before the cancel: shown
+
+    response = call(app, "wl-revision.data", {"wl-relax-cancel.n_clicks": 1}, session, query="?cancelJob=999999999")
+    assert response["wl-revision"]["data"]  # the table and the 3D view refresh from the session
+    assert "1 of 2 candidates are relaxed" in json.dumps(response["wl-relax-status"]["children"])
+    assert context.sessions.get("tab", "cancel/relax") == 1
+    assert not (call(app, "wl-structure.data", {"wl-relax-frame.data": late}, session) or {})  # after: not shown
+    assert not (call(app, "wl-relax-curve.figure", {"wl-relax-frame.data": late}, session) or {})
+    fresh = frame_payload(frame, [], "#2", cancel_clicks=1, run="r2")  # the next relaxation, after the cancel
+    assert call(app, "wl-structure.data", {"wl-relax-frame.data": fresh}, session)["wl-structure"]["data"]
+    # once that relaxation has ended, a frame that arrives with (or after) the final one is dropped; the final isn't
+    context.sessions.set("tab", "relax/finished", "r2")
+    assert not (call(app, "wl-structure.data", {"wl-relax-frame.data": fresh}, session) or {})
+    assert call(app, "wl-structure.data", {"wl-relax-final.data": fresh}, session)["wl-structure"]["data"]
 
 
 def test_cli_app_command(tmp_path):

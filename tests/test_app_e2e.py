@@ -95,6 +95,33 @@ def _shot(driver, name: str, tmp_path: Path) -> None:
         driver.save_screenshot(str(Path(target) / f"{name}.png"))
 
 
+def _scene_fill(driver, scene_id: str = "CTwl-view-ct_scene") -> float:
+    """How much of the 3D view the drawn structure spans (the larger of its width and height fractions), leaving
+    out the scene's buttons (right edge), its compass (bottom left), its legend (bottom) and the frame."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    canvas = driver.find_element(By.CSS_SELECTOR, f"#{scene_id} canvas")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    image = np.asarray(Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("RGB")).astype(int)
+    drawn = np.abs(image - image[4, 4]).sum(axis=2) > 30
+    height, width = drawn.shape
+    drawn[:, int(0.86 * width):] = drawn[int(0.84 * height):, :] = False
+    drawn[:3, :] = drawn[:, :3] = False
+    ys, xs = np.nonzero(drawn)
+    if not len(xs):
+        return 0.0
+    return max((xs.max() - xs.min() + 1) / width, (ys.max() - ys.min() + 1) / (0.84 * height))
+
+
+# The 3D scene as the browser holds it: a new relaxation frame has reached the view when this changes.
+SCENE_DATA = ("try { return JSON.stringify(window.dash_component_api.getLayout('CTwl-view-ct_scene').props.data); }"
+              " catch (e) { return null; }")
+
+
 def _console_errors(driver) -> list[str]:
     return [f"{e['level']}: {e['message']}" for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -113,6 +140,7 @@ def _remote_requests(driver) -> list[str]:
 
 @needs_chromium
 def test_full_workflow_in_chromium(app_url, browser, tmp_path):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -148,18 +176,41 @@ def test_full_workflow_in_chromium(app_url, browser, tmp_path):
     rows[1].click()
     wait.until(lambda d: text("wl-view-title").startswith("#2 "))
     wait.until(lambda d: browser.find_elements(By.CSS_SELECTOR, "#wl-view-orbits td"))
+    # the structure fills the view (Crystal Toolkit's own framing left some at a tenth of it)
+    fills = []
+    try:
+        WebDriverWait(browser, 20, poll_frequency=0.5).until(lambda d: fills.append(_scene_fill(d)) or fills[-1] >= 0.6)
+    except TimeoutException:
+        raise AssertionError(f"the structure spans at most {max(fills, default=0):.2f} of the 3D view") from None
     browser.find_element(By.XPATH, "//*[@id='wl-view-colour']//label[contains(., 'Wyckoff orbit')]").click()
 
-    # 6. relax: frames stream into the view before the relaxation ends
+    # 6. relax: frames stream into the 3D view before the relaxation ends
+    wait.until(lambda d: d.execute_script(SCENE_DATA))
+    time.sleep(1)  # the colour change has reached the scene
+    before = browser.execute_script(SCENE_DATA)
     t0 = time.perf_counter()
     browser.find_element(By.ID, "wl-relax-one").click()
     wait.until(lambda d: "step" in text("wl-view-title"))
+    wait.until(lambda d: d.execute_script(SCENE_DATA) not in (None, before))
     timings["first_relax_frame_s"] = time.perf_counter() - t0
     wait.until(lambda d: "Relax" in text("wl-relax-status"))
     assert "#2" in text("wl-relax-status"), text("wl-relax-status")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#wl-relax-curve .main-svg"))  # the curve was mounted
     wait.until(lambda d: any(c.text.strip() for c in
                              d.find_elements(By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=relax_status]")))
     _shot(browser, "relaxation", tmp_path)
+
+    # cancel "Relax all" while it runs: the job stops, the buttons come back, the page says what is kept
+    browser.find_element(By.ID, "wl-relax-all").click()
+    wait.until(lambda d: d.find_element(By.ID, "wl-relax-cancel").is_enabled())
+    time.sleep(1.0)
+    browser.find_element(By.ID, "wl-relax-cancel").click()
+    wait.until(lambda d: "cancelled" in text("wl-relax-status"))
+    wait.until(lambda d: d.find_element(By.ID, "wl-relax-all").is_enabled())
+    assert "candidates are relaxed" in text("wl-relax-status"), text("wl-relax-status")
+    relaxed = [c.text for c in browser.find_elements(By.CSS_SELECTOR,
+                                                       "#wl-cand-table td[data-dash-column=relax_status]")]
+    assert any(relaxed), relaxed  # what was relaxed before the cancel is still shown
 
     # 7. hull tab (no hull built yet in this short run: the figure says how to get one)
     browser.find_element(By.XPATH, "//div[contains(@class,'wl-tab') and normalize-space()='Hull']").click()
@@ -197,6 +248,11 @@ def test_full_workflow_in_chromium(app_url, browser, tmp_path):
     assert "wyckoff_lab" in frames.read_text()
 
     print("\nquality bar timings:", json.dumps({k: round(v, 2) for k, v in timings.items()}))
+    # Generous bounds (the bar is 10 s from the command and 2 s per frame on an idle 2-core machine; the suite
+    # runs beside other work): they catch a page that waits for every model again, or frames that queue behind
+    # CrystalNN, not a slow machine.
+    assert timings["page_interactive_s"] < 15, timings
+    assert timings["first_relax_frame_s"] < 8, timings
     assert not _console_errors(browser), _console_errors(browser)
     assert not _remote_requests(browser), _remote_requests(browser)
     assert "Traceback" not in app_log.read_text(), app_log.read_text()[-3000:]

@@ -49,6 +49,7 @@ class CandidateTable(Widget):
                 style_cell={"fontSize": 13, "padding": "3px 8px", "textAlign": "left", "cursor": "pointer"},
                 style_data_conditional=[],
                 tooltip_header={"valid": "ok = no atoms closer than 0.5 Å and SMACT charge-neutral",
+                                "symmetry": "whether spglib (0.1 Å) finds the space group the generator sampled",
                                 "novel_label": "no StructureMatcher match in MP-20 (all splits)",
                                 "e_above_hull": "energy above the ML convex hull of the chemical system"}),
         ], className="wl-panel", id=self.id("panel"))
@@ -80,6 +81,8 @@ class CandidateTable(Widget):
         def highlight(selected):
             styles = [{"if": {"filter_query": '{valid} contains "bad"', "column_id": "valid"},
                       "color": "#b00020"},
+                      {"if": {"filter_query": '{symmetry} contains "found"', "column_id": "symmetry"},
+                       "color": "#8a5a00"},
                       {"if": {"filter_query": "{novel_label} = novel", "column_id": "novel_label"},
                        "color": "#007a5a", "fontWeight": "bold"}]
             if selected:

@@ -10,11 +10,18 @@ raises ValueError in a callback.
 `apply()` fixes these, idempotently, and only where something is missing or failing: on a pymatgen that still has
 the old names, or a Flask-Caching that still has the old types, it changes nothing. Everything else in Wyckoff Lab
 imports Crystal Toolkit through `crystal_toolkit_components()`, so the fixes are always in place first.
+
+Crystal Toolkit's package imports every component it has (band structures, phonons, Pourbaix, the Materials
+Project search with its API client...) just to reach the structure component, which is all Wyckoff Lab draws with:
+3.5 s of the app's start-up. `import_crystal_toolkit()` loads `crystal_toolkit.components` as a lazy package, so
+only the structure component's own imports run; the first access to any other name in that package imports the
+rest exactly as upstream would (nothing is removed, only deferred).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 
 # (class attribute Crystal Toolkit calls, the name current pymatgen provides)
 GRAPH_ALIASES = (("with_local_env_strategy", "from_local_env_strategy"), ("with_empty_graph", "from_empty_graph"))
@@ -50,12 +57,69 @@ def patch_cache_types() -> list[str]:
     return added
 
 
+COMPONENTS = "crystal_toolkit.components"
+
+
+def _lazy_components_package():
+    """`crystal_toolkit.components` as a package whose `__init__` runs on the first access to a name it defines.
+
+    Submodules (`crystal_toolkit.components.structure`) import as usual without it. Built from the package's file
+    location, never by importing it: a lookup through the import system would run `crystal_toolkit/__init__.py`,
+    which imports every component.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    top = importlib.util.find_spec("crystal_toolkit")  # finds, does not import
+    folder = Path(top.origin).parent / "components"
+    spec = importlib.util.spec_from_file_location(COMPONENTS, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    state = {"loaded": False}
+
+    def __getattr__(name: str):
+        if name.startswith("__") or state["loaded"]:
+            raise AttributeError(f"module {COMPONENTS!r} has no attribute {name!r}")
+        state["loaded"] = True
+        spec.loader.exec_module(module)  # upstream's __init__, in this very module: every component appears
+        return getattr(module, name)
+
+    module.__getattr__ = __getattr__
+    module.wyckoff_lab_lazy = state
+    return module
+
+
+@functools.cache
+def import_crystal_toolkit():
+    """Import Crystal Toolkit with only its structure component loaded (see the module docstring); returns
+    `crystal_toolkit.components`. Where that package is already imported (fully), it is used as it is."""
+    if COMPONENTS not in sys.modules and "crystal_toolkit" not in sys.modules:
+        sys.modules[COMPONENTS] = _lazy_components_package()
+    try:
+        import crystal_toolkit
+        from crystal_toolkit.components.structure import StructureMoleculeComponent
+    except Exception:
+        if getattr(sys.modules.get(COMPONENTS), "wyckoff_lab_lazy", None) is not None:
+            del sys.modules[COMPONENTS]  # an upstream layout we do not know: import it the ordinary way
+            for name in [n for n in sys.modules if n == "crystal_toolkit" or n.startswith("crystal_toolkit.")]:
+                del sys.modules[name]
+            import crystal_toolkit.components
+
+            return crystal_toolkit.components
+        raise
+    components = sys.modules[COMPONENTS]
+    crystal_toolkit.components = components
+    components.StructureMoleculeComponent = StructureMoleculeComponent
+    return components
+
+
 def patch_site_property_legend() -> list[str]:
     """Let the structure component's HTML legend show site-property colours (e.g. Wyckoff orbits).
 
     Upstream builds the legend by asking for each element's colour, which only works for element colour schemes;
     for a site property the legend data already holds colour -> label, so that is shown instead.
     """
+    import_crystal_toolkit()
     from crystal_toolkit.components.structure import StructureMoleculeComponent
     from dash import html
 
@@ -102,11 +166,10 @@ def make_cache(config: dict | None = None):
 
 
 def crystal_toolkit_components():
-    """`crystal_toolkit.components`, imported with the fixes applied (the import itself is ~4 s: do it once)."""
+    """`crystal_toolkit.components`, imported with the fixes applied: the structure component at once (~2.5 s),
+    every other component when first asked for."""
     apply()
-    import crystal_toolkit.components as ctc
-
-    return ctc
+    return import_crystal_toolkit()
 
 
 def crystal_toolkit_assets_dir():

@@ -39,6 +39,7 @@ class LabSettings:
     hull_max_references: int = 3  # polymorphs per formula relaxed for the hull
     default_samples: int = 100
     max_samples: int = 1000
+    generation_workers: int | None = None  # processes for parallel-safe generators (PyXtal); None: one per core
     progress_interval_ms: int = 400  # how often the browser polls a running job
     work_dir: Path | None = None  # session store + job results; a temporary folder (removed at exit) when None
     warm_up: bool = True  # load models and reference data in a thread once the first request arrives
@@ -60,7 +61,8 @@ class LabContext:
             folder.mkdir(parents=True, exist_ok=True)
         self.work_dir = folder
         self.sessions = SessionStore(str(folder / "sessions"))
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # everything loaded: background jobs may fork
+        self.generators_ready = threading.Event()  # generators loaded: the generate form can be used
         self.manager = WarmDiskcacheManager(diskcache.Cache(str(folder / "jobs")), self.ready)
         # One lock per resource: a page asking for reference data must not wait for the potential to load.
         self._generator_lock, self._potential_lock, self._reference_lock = (threading.RLock() for _ in range(3))
@@ -74,6 +76,7 @@ class LabContext:
         self._warm_up_started = False
         if not self.settings.warm_up:
             self.ready.set()  # nothing preloaded: every resource loads when first used
+            self.generators_ready.set()
 
     def start_warm_up(self) -> None:
         """Start loading in a thread (idempotent). The app calls this on its first request rather than at
@@ -86,20 +89,25 @@ class LabContext:
     # -- warm-up --------------------------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Load what the first user action needs (potential, generators, reference data), then open the job gate.
+        """Load what the first user action needs (generators, reference data, potential), then open the job gate.
 
         Background jobs are forked from this process: loading here once means no job pays for it again, and the
-        job gate (`ready`) keeps a fork from happening while a model is half loaded.
+        job gate (`ready`) keeps a fork from happening while a model is half loaded. Generators come first and
+        say so (`generators_ready`): the generate form waits only for them, not for the potential.
         """
         t0 = time.perf_counter()
         try:
-            self.references()
             for name in self.generator_names():
                 self.generator_status(name)
+            self.generators_ready.set()
+            log.info("generators loaded in %.1f s", time.perf_counter() - t0)
+            self.references()
+            self.spacegroup_frequencies()
             self.potential()
         except Exception:  # warm-up is an optimisation: every loader reports its own error when used
             log.exception("warm-up failed")
         finally:
+            self.generators_ready.set()
             self.ready.set()
             log.info("warm-up done in %.1f s", time.perf_counter() - t0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from dash import Input, Output, dcc, html
+from dash import Input, Output, State, dcc, html, no_update
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.candidates import CandidateTable
 from wyckoff_lab.widgets.chemistry import ChemistryPicker
@@ -70,22 +70,23 @@ class Explorer(Widget):
         return [html.Span(data, className="tag is-light", title=context.reference_error or ""),
                 html.Span(f"potential: {context.potential_label()}", className="tag is-light")]
 
+    def tab_content(self, tab: str) -> list:
+        """The panels of one tab."""
+        if tab == "candidates":
+            return [self.candidates.layout(),
+                    html.Div([html.Div(self.view.layout(), className="wl-grow"),
+                              html.Div(self.relax.layout(), className="wl-relax-column")], className="wl-columns")]
+        return [{"hull": self.hull, EMBEDDINGS_TAB: self.embeddings, "teach": self.teach}[tab].layout()]
+
     def layout(self):
-        tab_content = {
-            "candidates": [self.candidates.layout(),
-                           html.Div([html.Div(self.view.layout(), className="wl-grow"),
-                                     html.Div(self.relax.layout(), className="wl-relax-column")],
-                                    className="wl-columns")],
-            "hull": [self.hull.layout()],
-            EMBEDDINGS_TAB: [self.embeddings.layout()],
-            "teach": [self.teach.layout()],
-        }
-        # The tabs only switch which panel is visible: every panel stays mounted, so a Crystal Toolkit scene is
-        # never torn down while its renderer is still drawing (that raised errors in the browser console).
+        # Only the first tab is built with the page; the others are mounted the first time they are opened (their
+        # figures and 3D scene would otherwise cost the browser seconds before the page answers a click). Once
+        # mounted, a tab only changes visibility: a Crystal Toolkit scene is never torn down while its renderer is
+        # still drawing (that raised errors in the browser console).
         tabs = [dcc.Tabs(id=self.id("tabs"), value="candidates", className="wl-tabs", children=[
                     dcc.Tab(label=label, value=value, className="wl-tab", selected_className="wl-tab--selected")
                     for value, label in TABS])]
-        tabs += [html.Div(tab_content[value], id=self.id(f"tab-{value}"),
+        tabs += [html.Div(self.tab_content(value) if value == "candidates" else [], id=self.id(f"tab-{value}"),
                           style={} if value == "candidates" else {"display": "none"}) for value, _ in TABS]
         return html.Div([
             self.header(),
@@ -107,6 +108,17 @@ class Explorer(Widget):
             Output(self.links.tab, "data"),
             *[Output(self.id(f"tab-{value}"), "style") for value, _ in TABS],
             Input(self.id("tabs"), "value"))
+        lazy = [value for value, _ in TABS if value != "candidates"]
+
+        @app.callback(*[Output(self.id(f"tab-{value}"), "children") for value in lazy],
+                      Input(self.id("tabs"), "value"),
+                      *[State(self.id(f"tab-{value}"), "children") for value in lazy],
+                      prevent_initial_call=True)
+        def mount_tab(tab, *mounted):
+            """Build a tab's panels the first time it is opened; afterwards leave them alone."""
+            return [self.tab_content(value) if value == tab and not children else no_update
+                    for value, children in zip(lazy, mounted)]
+
         app.callback(Output(self.id("resources"), "children"), Input(self.links.session, "data"))(
             lambda _session: self.resources())
 

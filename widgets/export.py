@@ -9,9 +9,9 @@ import zipfile
 
 from pymatgen.core import Structure
 
-METADATA_KEYS = ("id", "formula", "natoms", "spacegroup", "intended_spacegroup", "generator", "seed",
-                 "struct_valid", "comp_valid", "novel", "min_distance", "density", "relax_status", "relax_message",
-                 "relax_steps", "energy_per_atom", "max_force", "potential", "e_above_hull",
+METADATA_KEYS = ("id", "formula", "natoms", "spacegroup", "intended_spacegroup", "symmetry", "extra", "generator",
+                 "seed", "struct_valid", "comp_valid", "novel", "min_distance", "density", "relax_status",
+                 "relax_message", "relax_steps", "energy_per_atom", "max_force", "potential", "e_above_hull",
                  "formation_energy_per_atom", "decomposition", "conditions", "wyckoff")
 
 

@@ -12,6 +12,7 @@ from wyckoff_lab.widgets.context import WARMUP_WAIT_S
 from wyckoff_lab.widgets.jobs import GenerationRequest, JobError, generation_message, run_generation, unexpected
 from wyckoff_lab.widgets.state import revision
 
+RESULT_POLL_MS = 250  # how often the browser asks whether the candidates are ready (they show this much sooner)
 STABILITY_OPTIONS = [{"label": "any stability", "value": ""},
                      {"label": "stable (low E above hull)", "value": "low"},
                      {"label": "unstable (high E above hull)", "value": "high"}]
@@ -90,7 +91,7 @@ class GeneratePanel(Widget):
             Input(self.links.session, "data"),
         )
         def list_generators(_session):
-            context.ready.wait(WARMUP_WAIT_S)
+            context.generators_ready.wait(WARMUP_WAIT_S)
             options, notes = generator_options(context)
             unavailable = [html.Div(notes[o["value"]], className="wl-message is-warning")
                            for o in options if o["disabled"]]
@@ -130,7 +131,7 @@ class GeneratePanel(Widget):
             cancel=[Input(self.id("cancel"), "n_clicks")],
             progress=[Output(self.id("progress"), "value"), Output(self.id("progress"), "max"),
                       Output(self.id("progress-label"), "children")],
-            interval=context.settings.progress_interval_ms,
+            interval=min(context.settings.progress_interval_ms, RESULT_POLL_MS),
             prevent_initial_call=True,
         )
         def generate(set_progress, _clicks, session, chemistry, symmetry, name, n, temperature, seed, stability):

@@ -13,6 +13,7 @@ from wyckoff_lab.widgets.jobs import JobError, hull_for_session, hull_message, p
 from wyckoff_lab.widgets.state import revision
 
 HULL_COLORSCALE = "Viridis"
+REFERENCE_PREFIX = "ref:"  # customdata of a reference phase on the diagram; a candidate's is its id
 MAX_HULL_COLOR_EV = 0.3  # colour scale saturates here: anything further above the hull looks the same
 
 
@@ -63,6 +64,8 @@ def hull_figure(hull: dict | None, records: list[dict]) -> go.Figure:
     marker_cand = {"size": 10, "symbol": "diamond", "color": [r["e_above_hull"] for r in points],
                    "colorscale": HULL_COLORSCALE, "cmin": 0, "cmax": MAX_HULL_COLOR_EV, "line": {"width": 1},
                    "colorbar": {"title": "E hull (eV/atom)", "len": 0.7}}
+    for i, r in enumerate(refs):
+        r.setdefault("key", f"{REFERENCE_PREFIX}{i}")
     stable = [r for r in refs if r["on_hull"]]
     unstable = [r for r in refs if not r["on_hull"]]
     if len(elements) == 2:
@@ -72,11 +75,13 @@ def hull_figure(hull: dict | None, records: list[dict]) -> go.Figure:
                                     y=[r["formation_energy_per_atom"] for r in line], mode="lines+markers",
                                     name="hull (stable phases)", line={"color": "black"},
                                     marker={"size": 9, "color": "black"},
-                                    text=[_reference_hover(r) for r in line], hoverinfo="text"))
+                                    text=[_reference_hover(r) for r in line], hoverinfo="text",
+                                    customdata=[r["key"] for r in line]))
         figure.add_trace(go.Scatter(x=[x_of(r["composition"]) for r in unstable],
                                     y=[r["formation_energy_per_atom"] for r in unstable], mode="markers",
                                     name="reference, above hull", marker={"size": 7, "color": "#999"},
-                                    text=[_reference_hover(r) for r in unstable], hoverinfo="text"))
+                                    text=[_reference_hover(r) for r in unstable], hoverinfo="text",
+                                    customdata=[r["key"] for r in unstable]))
         figure.add_trace(go.Scatter(x=[x_of(r["formula"]) for r in points],
                                     y=[r["formation_energy_per_atom"] for r in points], mode="markers",
                                     name="candidates", marker=marker_cand, text=hover_cand, hoverinfo="text",
@@ -95,11 +100,11 @@ def hull_figure(hull: dict | None, records: list[dict]) -> go.Figure:
                                            name="stable reference", marker={"size": 9, "color": "black"},
                                            text=[r["formula"] for r in stable], textposition="top center",
                                            hovertext=[_reference_hover(r) for r in stable],
-                                           hoverinfo="text"))
+                                           hoverinfo="text", customdata=[r["key"] for r in stable]))
         figure.add_trace(go.Scatterternary(**tern([r["composition"] for r in unstable]), mode="markers",
                                            name="reference, above hull", marker={"size": 7, "color": "#999"},
                                            hovertext=[_reference_hover(r) for r in unstable],
-                                           hoverinfo="text"))
+                                           hoverinfo="text", customdata=[r["key"] for r in unstable]))
         figure.add_trace(go.Scatterternary(**tern([r["formula"] for r in points]), mode="markers",
                                            name="candidates", marker=marker_cand, hovertext=hover_cand,
                                            hoverinfo="text", customdata=[r["id"] for r in points]))
@@ -125,6 +130,39 @@ def hull_histogram(records: list[dict]) -> go.Figure:
                          title={"text": f"E above hull of {len(values)} relaxed candidates", "font": {"size": 13}},
                          xaxis={"title": "E above hull (eV/atom)"}, yaxis={"title": "candidates"})
     return figure
+
+
+def clicked_point(context, session: str | None, click: dict | None):
+    """(selected, structure, status) for a click on the hull diagram: a candidate becomes the selection (the 3D
+    view follows it); a reference phase goes to the 3D view as relaxed for the hull."""
+    from wyckoff_lab.widgets.structure_view import structure_payload
+
+    points = (click or {}).get("points") or [{}]
+    key = points[0].get("customdata")
+    if isinstance(key, list):  # plotly sends customdata of one point as a list when it has several fields
+        key = key[0] if key else None
+    if not key or not session:
+        return no_update, no_update, no_update
+    if not str(key).startswith(REFERENCE_PREFIX):
+        record = context.sessions.candidate(session, key)
+        if record is None:
+            return no_update, no_update, no_update
+        return key, no_update, html.Div(f"Selected #{record['label']} {record['formula']}: shown in the Candidates "
+                                        "tab", className="wl-note")
+    hull = context.sessions.get(session, "hull") or {}
+    try:
+        ref = hull["references"][int(str(key)[len(REFERENCE_PREFIX):])]
+    except (KeyError, IndexError, ValueError):
+        return no_update, no_update, no_update
+    if not ref.get("structure"):
+        return no_update, no_update, html.Div(f"{ref['formula']} ({ref['source']}): no structure kept for this "
+                                              "phase; rebuild the hull", className="wl-note")
+    from pymatgen.core import Structure
+
+    title = f"{ref['formula']} ({ref['source']}, reference relaxed with {hull.get('potential', 'the potential')})"
+    payload = structure_payload(Structure.from_dict(ref["structure"]), title, f"reference:{ref['source']}")
+    return no_update, payload, html.Div(f"{ref['formula']} ({ref['source']}): shown in the Candidates tab",
+                                        className="wl-note")
 
 
 class HullView(Widget):
@@ -173,12 +211,15 @@ class HullView(Widget):
 
         @app.callback(
             Output(self.links.selected, "data", allow_duplicate=True),
+            Output(self.links.structure, "data", allow_duplicate=True),
+            Output(self.id("status"), "children", allow_duplicate=True),
             Input(self.id("diagram"), "clickData"),
+            State(self.links.session, "data"),
             prevent_initial_call=True,
         )
-        def select(click):
-            point = (click or {}).get("points", [{}])[0]
-            return point.get("customdata") or no_update
+        def select(click, session):
+            """A candidate's point selects it everywhere; a reference phase's shows its relaxed structure."""
+            return clicked_point(context, (session or {}).get("sid"), click)
 
         @app.callback(
             Output(self.links.revision, "data", allow_duplicate=True),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +28,32 @@ USABLE = ("converged", "not_converged")
 
 class JobError(Exception):
     """A failure the user can act on; the message is shown in the UI as it is."""
+
+
+class JobCancelled(JobError):
+    """The user pressed cancel: the job stopped, and what it had stored before the cancel stays."""
+
+
+def request_cancel(context: LabContext, session: str, kind: str, clicks: int) -> None:
+    """Record that the user pressed a cancel button (`clicks`: its n_clicks) for `kind` of job in `session`.
+
+    Dash also kills the job's process, but a job can outlive that: one still waiting for the warm-up has no
+    process to kill yet, and one may be between its last step and its write. Jobs check this record (see
+    `cancel_check`) before every step and inside the transaction of every write, so nothing that arrives after
+    the cancel reaches the session's records or the page.
+    """
+    context.sessions.set(session, f"cancel/{kind}", int(clicks or 0))
+
+
+def cancel_check(context: LabContext, session: str, kind: str, seen: int | None) -> Callable[[], bool]:
+    """A check that turns True once a cancel newer than `seen` (the cancel button's n_clicks when the job was
+    asked for) is recorded for `kind` in `session`."""
+    seen = int(seen or 0)
+    return lambda: int(context.sessions.get(session, f"cancel/{kind}") or 0) > seen
+
+
+def _never() -> bool:
+    return False
 
 
 def _no_progress(done, total, label) -> None:
@@ -87,6 +114,87 @@ def conditions_for(request: GenerationRequest):
         raise JobError(f"Invalid conditions: {exc.args[0] if exc.args else exc}") from None
 
 
+# Generators whose samples are independent CPU work in Python (no batched model): a request is split over worker
+# processes. A generator can say so itself with a `parallel_safe` class attribute.
+PARALLEL_GENERATORS = frozenset({"pyxtal"})
+MIN_SAMPLES_PER_WORKER = 20  # below this a worker's fork and hand-over cost more than it saves
+
+
+def generation_workers(context: LabContext, generator, n: int) -> int:
+    """How many processes share a generation: 1 unless the generator is parallel-safe, at most one per core."""
+    if not getattr(generator, "parallel_safe", getattr(generator, "name", None) in PARALLEL_GENERATORS):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = context.settings.generation_workers or cores
+    return max(1, min(wanted, cores, n // MIN_SAMPLES_PER_WORKER))
+
+
+def generate_in_workers(generator, n: int, conditions, temperature: float, seed: int | None, workers: int,
+                        progress: Callable[[int, int], None]):
+    """`generator.generate(n, ...)` split over `workers` processes (this one and forked ones), merged in worker order.
+
+    Each share gets its own seed drawn from `seed`, so a given seed and worker count give the same candidates.
+    Workers are forked from the job process (the models are inherited) and die with it when the job is cancelled.
+    """
+    if workers <= 1:
+        return generator.generate(n, conditions, temperature=temperature, seed=seed, progress=progress)
+    import multiprocessing
+
+    import numpy as np
+    from wyckoff_lab.core.generators import GenerationResult
+
+    shares = [n // workers + (i < n % workers) for i in range(workers)]
+    seeds = [int(x) for x in np.random.SeedSequence(seed).generate_state(workers)]
+    fork = multiprocessing.get_context("fork")
+    done = fork.Array("i", workers, lock=False)  # samples finished per share, for the progress bar
+    started = time.perf_counter()
+
+    def share(i: int, connection) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = generator.generate(shares[i], conditions, temperature=temperature, seed=seeds[i],
+                                            progress=lambda d, _t: done.__setitem__(i, d))
+            connection.send(("ok", result))
+        except BaseException as exc:  # reported to the job process, which raises it
+            connection.send(("error", (isinstance(exc, ValueError), f"{exc}")))
+        finally:
+            connection.close()
+
+    pipes, processes = [], []
+    for i in range(1, workers):
+        receive, send = fork.Pipe(duplex=False)
+        process = fork.Process(target=share, args=(i, send), daemon=True)
+        process.start()
+        send.close()
+        pipes.append(receive)
+        processes.append(process)
+    try:
+        own = generator.generate(shares[0], conditions, temperature=temperature, seed=seeds[0],
+                                 progress=lambda d, _t: (done.__setitem__(0, d), progress(sum(done), n)))
+        results = [own]
+        for receive in pipes:
+            while not receive.poll(0.25):
+                progress(sum(done), n)
+            kind, value = receive.recv()
+            if kind == "error":
+                is_value_error, message = value
+                raise (ValueError if is_value_error else RuntimeError)(message)
+            results.append(value)
+    finally:
+        for process in processes:
+            process.join(timeout=1)
+            if process.is_alive():
+                process.kill()
+    merged = GenerationResult([c for r in results for c in r.candidates], attempts=sum(r.attempts for r in results))
+    for r in results:
+        for mine, theirs in ((merged.failures, r.failures), (merged.rejected, getattr(r, "rejected", {}) or {})):
+            for key, count in theirs.items():
+                mine[key] = mine.get(key, 0) + count
+    merged.seconds = time.perf_counter() - started
+    return merged
+
+
 def run_generation(context: LabContext, session: str, request: GenerationRequest,
                    progress: Progress = _no_progress) -> dict:
     """Generate candidates and make them the session's candidate set. Returns a summary for the status line.
@@ -105,12 +213,13 @@ def run_generation(context: LabContext, session: str, request: GenerationRequest
     conditions = conditions_for(request)
     report = Throttle(progress)
     report(0, n, f"{request.generator}: starting", force=True)
+    workers = generation_workers(context, generator, n)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = generator.generate(
-                n, conditions, temperature=float(request.temperature or 1.0), seed=request.seed,
-                progress=lambda done, total: report(done, total, f"{request.generator}: {done} of {total}"))
+            result = generate_in_workers(
+                generator, n, conditions, float(request.temperature or 1.0), request.seed, workers,
+                lambda done, total: report(done, total, f"{request.generator}: {done} of {total}"))
     except ValueError as exc:  # impossible templates, unseen elements, unsupported conditions: said by the generator
         raise JobError(str(exc)) from None
     if not result.candidates:
@@ -118,13 +227,15 @@ def run_generation(context: LabContext, session: str, request: GenerationRequest
         raise JobError(f"No candidate came out of {result.attempts} attempts ({failures})")
     report(n, n, "checking validity and novelty", force=True)
     t0 = time.perf_counter()
-    records = build_records(result.candidates, context.references())
+    gate = getattr(generator, "symprec", None) if getattr(generator, "resample", False) else None
+    records = build_records(result.candidates, context.references(), gate_symprec=gate)
     context.sessions.set_candidates(session, records)
     context.sessions.set(session, "generation", {"generator": request.generator, "conditions": conditions.as_dict(),
                                                  "seconds": result.seconds, "attempts": result.attempts,
                                                  "failures": result.failures})
     return {"n": len(records), "attempts": result.attempts, "failures": result.failures,
-            "seconds": result.seconds, "check_seconds": time.perf_counter() - t0,
+            "rejected": dict(getattr(result, "rejected", None) or {}), "seconds": result.seconds,
+            "check_seconds": time.perf_counter() - t0,
             "valid": sum(r["struct_valid"] and r["comp_valid"] for r in records),
             "novel": sum(bool(r["novel"]) for r in records), "first": records[0]["id"],
             "novelty_known": context.references() is not None}
@@ -134,9 +245,13 @@ def generation_message(summary: dict, generator: str) -> str:
     text = (f"{summary['n']} candidates from {generator} in {summary['seconds']:.1f} s "
             f"(+{summary['check_seconds']:.1f} s checks) · {summary['valid']} valid")
     text += f" · {summary['novel']} novel vs MP-20" if summary["novelty_known"] else " · novelty unknown (no MP-20)"
-    failed = summary["attempts"] - summary["n"]
+    rejected = summary.get("rejected") or {}
+    if rejected:
+        reasons = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rejected.items())
+        text += f" · {sum(rejected.values())} sampled again by the quality gate ({reasons})"
+    failed = summary["attempts"] - summary["n"] - sum(rejected.values())
     if failed > 0:
-        reasons = ", ".join(f"{k} {v}" for k, v in summary["failures"].items())
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["failures"].items()) or "no reason given"
         text += f" · {failed} attempts failed ({reasons})"
     return text
 
@@ -170,10 +285,11 @@ def _potential(context: LabContext):
 
 
 def relax_one(context: LabContext, session: str, candidate_id: str | None,
-              on_frame: Callable[[object, list[dict]], None]) -> dict:
+              on_frame: Callable[[object, list[dict]], None], cancelled: Callable[[], bool] = _never) -> dict:
     """Relax one candidate, calling `on_frame(frame, history)` for every FIRE step (history: step, energy, force).
 
-    The result is stored in the candidate's record (and placed on the session's hull when one exists).
+    The result is stored in the candidate's record (and placed on the session's hull when one exists). Once
+    `cancelled()` is True, no further frame is reported and nothing is stored: JobCancelled says so.
     """
     from wyckoff_lab.core.relax import relax_frames
 
@@ -185,10 +301,20 @@ def relax_one(context: LabContext, session: str, candidate_id: str | None,
     settings = context.settings
     history: list[dict] = []
     final = None
+    label = f"#{record['label']}"
+
+    def stop(step) -> JobCancelled:
+        return JobCancelled(f"Relaxation of {label} cancelled at step {step}; its structure stays as it was "
+                            "before (nothing from this run is kept)")
+
+    if cancelled():
+        raise stop(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for frame in relax_frames(Structure.from_dict(record["structure"]), potential, fmax=settings.relax_fmax,
                                   max_steps=settings.relax_max_steps):
+            if cancelled():
+                raise stop(frame.step)
             if math.isfinite(frame.energy_per_atom):
                 history.append({"step": frame.step, "energy_per_atom": frame.energy_per_atom,
                                 "max_force": frame.max_force if math.isfinite(frame.max_force) else None})
@@ -200,7 +326,9 @@ def relax_one(context: LabContext, session: str, candidate_id: str | None,
     if hull and result.status in USABLE:
         fields.update(place_on_hull(hull, Composition(record["formula"]), result.energy_per_atom,
                                     result.potential_identity))
-    context.sessions.update_candidates(session, {record["id"]: fields}, batch=batch)
+    stored = context.sessions.update_candidates(session, {record["id"]: fields}, batch=batch, unless=cancelled)
+    if not stored and cancelled():
+        raise stop(result.steps)
     return {"id": record["id"], "status": result.status, "message": result.message, "steps": result.steps,
             "energy_per_atom": result.energy_per_atom, "max_force": result.max_force,
             "e_above_hull": fields.get("e_above_hull"), "cached": result.cached}
@@ -218,8 +346,13 @@ def relax_message(summary: dict) -> str:
             f"{summary['message']}. The generated structure is kept.")
 
 
-def relax_all(context: LabContext, session: str, progress: Progress = _no_progress, build_hull: bool = True) -> dict:
-    """Relax every candidate not yet relaxed, in batches (progress after each), then place all on the hull."""
+def relax_all(context: LabContext, session: str, progress: Progress = _no_progress, build_hull: bool = True,
+              cancelled: Callable[[], bool] = _never) -> dict:
+    """Relax every candidate not yet relaxed, in batches (progress after each), then place all on the hull.
+
+    Once `cancelled()` is True it stops before the next batch (a batch that finishes later is not stored): the
+    batches stored before stay, and JobCancelled says how many that is.
+    """
     from wyckoff_lab.core.relax import relax
 
     records = context.sessions.candidates(session)
@@ -230,7 +363,14 @@ def relax_all(context: LabContext, session: str, progress: Progress = _no_progre
     todo = [r for r in records if not r.get("relax_status")]
     settings = context.settings
     t0 = time.perf_counter()
+
+    def stop(done: int) -> JobCancelled:
+        return JobCancelled(f"Relax all cancelled: {done} of {len(todo)} candidates were relaxed before the cancel "
+                            "and are kept; the others are as generated")
+
     for start in range(0, len(todo), RELAX_CHUNK):
+        if cancelled():
+            raise stop(start)
         chunk = todo[start:start + RELAX_CHUNK]
         progress(start, len(todo), f"relaxing candidates {start + 1}–{start + len(chunk)} of {len(todo)} "
                  f"with {potential.name}")
@@ -239,10 +379,15 @@ def relax_all(context: LabContext, session: str, progress: Progress = _no_progre
             results = relax([Structure.from_dict(r["structure"]) for r in chunk], potential,
                             fmax=settings.relax_fmax, max_steps=settings.relax_max_steps)
         changed = context.sessions.update_candidates(
-            session, {r["id"]: _relax_fields(res) for r, res in zip(chunk, results)}, batch=batch)
+            session, {r["id"]: _relax_fields(res) for r, res in zip(chunk, results)}, batch=batch, unless=cancelled)
         if not changed:
+            if cancelled():
+                raise stop(start)
             raise JobError("A new candidate set was generated meanwhile; relaxation stopped")
     progress(len(todo), max(len(todo), 1), "relaxation done")
+    if cancelled():
+        raise JobCancelled(f"Relax all cancelled after relaxing all {len(todo)} candidates (kept); the hull was "
+                           "not built")
     summary = {"relaxed": len(todo), "seconds": time.perf_counter() - t0}
     if build_hull:
         summary.update(hull_for_session(context, session, progress))
@@ -261,7 +406,7 @@ def session_elements(records: list[dict]) -> list[str]:
 
 def hull_data(hull) -> dict:
     """A HullReference as plain data the session can keep: elements, potential identity and the reference entries
-    (formula, total energy, atoms, formation energy, e_above_hull, source)."""
+    (formula, total energy, atoms, formation energy, e_above_hull, source, relaxed structure)."""
     diagram = hull.diagram
     references = []
     for ref in hull.references:
@@ -273,6 +418,7 @@ def hull_data(hull) -> dict:
             "composition": {el.symbol: float(a) for el, a in comp.items()},
             "formation_energy_per_atom": float(diagram.get_form_energy_per_atom(_entry(comp, ref.energy))),
             "e_above_hull": ref.e_above_hull, "on_hull": ref.on_hull, "source": ref.source,
+            "structure": ref.structure.as_dict(),  # relaxed: clicking the phase on the hull shows it
         })
     return {"elements": list(hull.elements), "potential_identity": hull.settings.potential_identity,
             "potential": hull.potential.name, "references": references}

@@ -23,6 +23,7 @@ TABLE_COLUMNS = (
     ("sg_label", "space group", "text"),
     ("natoms", "atoms", "numeric"),
     ("valid", "valid", "text"),
+    ("symmetry", "symmetry", "text"),
     ("novel_label", "novel", "text"),
     ("energy_per_atom", "E (eV/atom)", "numeric"),
     ("e_above_hull", "E hull (eV/atom)", "numeric"),
@@ -47,10 +48,13 @@ def spacegroup_label(number: int | None) -> str:
     return f"{spacegroup(number).symbol} ({number})"
 
 
-def build_records(candidates: Sequence, references=None) -> list[dict]:
+def build_records(candidates: Sequence, references=None, gate_symprec: float | None = None) -> list[dict]:
     """One record per candidate: structure, symmetry, validity (structural and SMACT) and novelty.
 
     `references` is a `ReferenceSet` (or None when no reference dataset is available: novelty is then unknown).
+    `gate_symprec`: the candidates come from a generator whose quality gate already ran spglib at that tolerance
+    (the Wyckoff transformer): a candidate it passed has the sampled group, one it flagged carries what spglib found
+    in `extra`, so spglib runs again only where the gate did not reach a verdict.
     """
     from wyckoff_lab.core.metrics import compositional_validity, min_distances
 
@@ -60,7 +64,13 @@ def build_records(candidates: Sequence, references=None) -> list[dict]:
     novel = references.novel_flags(structures) if references is not None else [None] * len(structures)
     records = []
     for i, (candidate, structure) in enumerate(zip(candidates, structures)):
-        detected = detect_spacegroup(structure)
+        extra = dict(getattr(candidate, "extra", None) or {})
+        if gate_symprec == SYMPREC and "detected_spacegroup" in extra:
+            detected = extra["detected_spacegroup"]
+        elif gate_symprec == SYMPREC and not extra and candidate.intended_spacegroup:
+            detected = int(candidate.intended_spacegroup)
+        else:
+            detected = detect_spacegroup(structure)
         struct_valid = bool(np.isfinite(distances[i]) and distances[i] >= 0.5 and structure.volume >= 0.1)
         records.append({
             "id": f"c{i + 1:03d}",
@@ -74,6 +84,8 @@ def build_records(candidates: Sequence, references=None) -> list[dict]:
             "struct_valid": struct_valid,
             "comp_valid": bool(comp_valid[i]),
             "valid": _valid_label(struct_valid, bool(comp_valid[i])),
+            "symmetry": symmetry_label(candidate.intended_spacegroup, detected),
+            "extra": extra,
             "novel": novel[i],
             "novel_label": {True: "novel", False: "in reference", None: "?"}[novel[i]],
             "min_distance": None if not np.isfinite(distances[i]) else round(float(distances[i]), 3),
@@ -89,6 +101,18 @@ def build_records(candidates: Sequence, references=None) -> list[dict]:
             "e_above_hull": None,
         })
     return records
+
+
+def symmetry_label(intended: int | None, detected: int | None) -> str:
+    """Whether spglib finds the space group the generator sampled ('as sampled'), and which one if not: a sampled
+    arrangement can come out with higher symmetry (atoms on special values), or none within the tolerance."""
+    if not intended:
+        return ""
+    if detected == intended:
+        return "as sampled"
+    if detected is None:
+        return f"none found (sampled {intended})"
+    return f"found {detected} (sampled {intended})"
 
 
 def _valid_label(struct_valid: bool, comp_valid: bool) -> str:

@@ -3,14 +3,32 @@
 
 from __future__ import annotations
 
+import logging
+
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html, no_update
 from wyckoff_lab.widgets.base import Widget
-from wyckoff_lab.widgets.jobs import JobError, hull_message, relax_all, relax_message, relax_one, unexpected
+from wyckoff_lab.widgets.jobs import (
+    USABLE,
+    JobCancelled,
+    JobError,
+    cancel_check,
+    hull_message,
+    relax_all,
+    relax_message,
+    relax_one,
+    request_cancel,
+    unexpected,
+)
 from wyckoff_lab.widgets.state import revision
 from wyckoff_lab.widgets.structure_view import structure_payload
 
+log = logging.getLogger(__name__)
+
 FRAME_EVERY_S = 0.3  # at most this often a frame is handed to the browser (it polls at the progress interval)
+FRAME_POLL_MS = 250  # how often the browser asks for a new frame while relaxing (the first arrives this much sooner)
+CANCEL_KIND = "relax"  # the cancel record shared by "Relax" and "Relax all" (one cancel button)
+FINISHED_KEY = "relax/finished"  # the last live relaxation of a session that has ended (its late frames are dropped)
 
 
 def relax_figure(history: list[dict] | None, title: str = "") -> go.Figure:
@@ -31,12 +49,16 @@ def relax_figure(history: list[dict] | None, title: str = "") -> go.Figure:
     return figure
 
 
-def frame_payload(frame, history, candidate_label: str) -> dict:
-    """What the browser gets per frame: the structure for the 3D view and the curve so far."""
+def frame_payload(frame, history, candidate_label: str, cancel_clicks: int | None = None,
+                  run: str | None = None) -> dict:
+    """What the browser gets per frame: the structure for the 3D view and the curve so far, and the cancel
+    button's clicks when the relaxation was asked for (a frame of a relaxation cancelled since is not shown).
+    `run` names the relaxation: the 3D view finds bonds on its first frame and keeps them for the others."""
     status = "" if frame.result is None else frame.result.status.replace("_", " ")
     title = f"{candidate_label}: step {frame.step}" + (f" — {status}" if status else " (relaxing)")
-    return {"view": structure_payload(frame.structure, title, "relaxation"), "history": list(history),
-            "title": title}
+    view = structure_payload(frame.structure, title, "relaxation", bonds_key=run and f"relax-{run}")
+    return {"view": view, "history": list(history), "title": title, "cancel_clicks": int(cancel_clicks or 0),
+            "run": run}
 
 
 class RelaxPanel(Widget):
@@ -60,15 +82,23 @@ class RelaxPanel(Widget):
                           style={"visibility": "hidden"}),
             html.Div(id=self.id("progress-label"), className="wl-progress-label"),
             html.Div(id=self.id("status"), className="wl-status"),
-            dcc.Graph(id=self.id("curve"), figure=relax_figure([]), config={"displayModeBar": False},
-                      style={"height": "260px"}),
+            # The curve (a plotly graph) is mounted once the page is idle after the potential has loaded: plotly.js
+            # costs the browser more than a second to start, which the page's first seconds should not wait for.
+            html.Div(id=self.id("curve-box"), style={"height": "260px"}),
+            dcc.Store(id=self.id("curve-go")),
             dcc.Store(id=self.id("frame")),
             dcc.Store(id=self.id("final")),
         ], className="wl-panel", id=self.id("panel"))
 
+    def curve(self, payload: dict | None = None):
+        history, title = (payload["history"], payload["title"]) if payload else ([], "")
+        return dcc.Graph(id=self.id("curve"), figure=relax_figure(history, title), config={"displayModeBar": False},
+                         style={"height": "260px"})
+
     def register(self, app):
         context = self.context
         interval = context.settings.progress_interval_ms
+        frame_interval = min(interval, FRAME_POLL_MS)
         running = [(Output(self.id("one"), "disabled"), True, False),
                    (Output(self.id("all"), "disabled"), True, False),
                    (Output(self.id("cancel"), "disabled"), False, True)]
@@ -80,51 +110,138 @@ class RelaxPanel(Widget):
             Input(self.id("one"), "n_clicks"),
             State(self.links.session, "data"),
             State(self.links.selected, "data"),
+            State(self.id("cancel"), "n_clicks"),
             background=True, running=running, cancel=[Input(self.id("cancel"), "n_clicks")],
-            progress=[Output(self.id("frame"), "data")], interval=interval, prevent_initial_call=True,
+            progress=[Output(self.id("frame"), "data")], interval=frame_interval, prevent_initial_call=True,
         )
-        def relax_selected(set_progress, _clicks, session, selected):
+        def relax_selected(set_progress, _clicks, session, selected, cancel_clicks):
             import time
+            import uuid
 
+            sid = (session or {}).get("sid")
             last = [0.0]
             label = f"#{selected[1:].lstrip('0')}" if selected else ""
+            run = f"{selected}-{uuid.uuid4().hex[:8]}"
 
             def on_frame(frame, history):
                 now = time.perf_counter()
-                if frame.result is None and now - last[0] < FRAME_EVERY_S and len(history) > 1:
+                # The first two steps always go out: step 0 is the structure already on screen, step 1 the first
+                # that moves (a poll that finds both delivers the latter).
+                if frame.result is None and now - last[0] < FRAME_EVERY_S and len(history) > 2:
                     return
                 last[0] = now
-                set_progress(frame_payload(frame, history, label))
-                on_frame.payload = frame_payload(frame, history, label)
+                on_frame.payload = frame_payload(frame, history, label, cancel_clicks, run)
+                set_progress(on_frame.payload)
 
             on_frame.payload = None
             try:
-                summary = relax_one(context, (session or {}).get("sid"), selected, on_frame)
+                summary = relax_one(context, sid, selected, on_frame,
+                                    cancelled=cancel_check(context, sid, CANCEL_KIND, cancel_clicks))
+            except JobCancelled as exc:
+                if sid:
+                    context.sessions.set(sid, FINISHED_KEY, run)
+                return no_update, revision(), html.Div(str(exc), className="wl-message is-warning")
             except Exception as exc:  # JobError: the user's to fix; anything else: reported, never a broken page
+                if sid:
+                    context.sessions.set(sid, FINISHED_KEY, run)
                 text = str(exc) if isinstance(exc, JobError) else unexpected(exc)
                 return no_update, revision(), html.Div(text, className="wl-message is-danger")
+            # A frame sent just before the end can reach the browser together with the final one, and last.
+            context.sessions.set(sid, FINISHED_KEY, run)
             css = "is-success" if summary["status"] in ("converged", "not_converged") else "is-warning"
             return on_frame.payload, revision(), html.Div(relax_message(summary), className=f"wl-message {css}")
 
-        # Two callbacks, not one with two inputs: a callback that listens to an output of a running background
-        # callback (the final frame) is held back by Dash until that callback ends, frames included.
+        def late(payload: dict, session: dict | None, source: str) -> bool:
+            """A frame of a relaxation the user cancelled since (it may still sit in the progress queue), or an
+            intermediate frame of one that has finished (the final frame and the stored result are shown)."""
+            sid = (session or {}).get("sid")
+            if not sid:
+                return False
+            if cancel_check(context, sid, CANCEL_KIND, payload.get("cancel_clicks"))():
+                return True
+            return source == "frame" and payload.get("run") is not None and \
+                context.sessions.get(sid, FINISHED_KEY) == payload["run"]
+
+        # One callback per source and per output, not one with several inputs: a callback that listens to an
+        # output of a running background callback (the final frame) is held back by Dash until that callback ends,
+        # frames included; and the curve may not be mounted yet when the first frame arrives.
         for source in ("frame", "final"):
             @app.callback(
                 Output(self.links.structure, "data", allow_duplicate=True),
-                Output(self.id("curve"), "figure", allow_duplicate=True),
                 Input(self.id(source), "data"),
+                State(self.links.session, "data"),
                 prevent_initial_call=True,
             )
-            def show_frame(payload):
-                if not payload:
-                    return no_update, no_update
-                return payload["view"], relax_figure(payload["history"], payload["title"])
+            def show_frame(payload, session, source=source):
+                if not payload or late(payload, session, source):
+                    return no_update
+                return payload["view"]
+
+            @app.callback(
+                Output(self.id("curve"), "figure", allow_duplicate=True),
+                Input(self.id(source), "data"),
+                State(self.links.session, "data"),
+                prevent_initial_call=True,
+            )
+            def show_curve(payload, session, source=source):
+                if not payload or late(payload, session, source):
+                    return no_update
+                return relax_figure(payload["history"], payload["title"])
+
+        app.clientside_callback(
+            """function (_label) {
+                // after the potential has loaded and the browser has nothing else to do (or 3 s at most)
+                const idle = window.requestIdleCallback || (f => setTimeout(f, 300));
+                return new Promise(resolve => setTimeout(() => idle(() => resolve(true), {timeout: 3000}), 300));
+            }""",
+            Output(self.id("curve-go"), "data"),
+            Input(self.id("potential"), "children"),
+            prevent_initial_call=True,
+        )
+
+        @app.callback(
+            Output(self.id("curve-box"), "children"),
+            Input(self.id("curve-go"), "data"),
+            State(self.id("frame"), "data"),
+            State(self.id("curve-box"), "children"),
+            prevent_initial_call=True,
+        )
+        def mount_curve(_go, payload, mounted):
+            return no_update if mounted else self.curve(payload)
+
+        @app.callback(
+            Output(self.links.revision, "data", allow_duplicate=True),
+            Output(self.id("status"), "children", allow_duplicate=True),
+            Input(self.id("cancel"), "n_clicks"),
+            State(self.links.session, "data"),
+            prevent_initial_call=True,
+        )
+        def cancel(clicks, session):
+            """Record the cancel (so nothing that arrives later is stored or shown), stop the job's process at
+            once, then show what the session holds: what was relaxed before the cancel, and nothing else."""
+            import flask
+
+            sid = (session or {}).get("sid")
+            if not sid:
+                return no_update, no_update
+            request_cancel(context, sid, CANCEL_KIND, clicks)
+            for job in flask.request.args.getlist("cancelJob"):  # Dash sends the running job's id with the click
+                try:
+                    context.manager.terminate_job(job)
+                except Exception as exc:  # gone already, or not ours: the cancel record stops it anyway
+                    log.info("could not stop job %s: %s", job, exc)
+            records = context.sessions.candidates(sid)
+            relaxed = sum(r.get("relax_status") in USABLE for r in records)
+            text = (f"Relaxation cancelled. {relaxed} of {len(records)} candidates are relaxed (kept); nothing from "
+                    "the cancelled run arrives later.")
+            return revision(), html.Div(text, className="wl-message is-warning")
 
         @app.callback(
             Output(self.links.revision, "data", allow_duplicate=True),
             Output(self.id("status"), "children", allow_duplicate=True),
             Input(self.id("all"), "n_clicks"),
             State(self.links.session, "data"),
+            State(self.id("cancel"), "n_clicks"),
             background=True,
             running=running + [(Output(self.id("progress"), "style"), {"visibility": "visible"},
                                 {"visibility": "hidden"})],
@@ -133,10 +250,15 @@ class RelaxPanel(Widget):
                       Output(self.id("progress-label"), "children")],
             interval=interval, prevent_initial_call=True,
         )
-        def relax_everything(set_progress, _clicks, session):
+        def relax_everything(set_progress, _clicks, session, cancel_clicks):
+            sid = (session or {}).get("sid")
             try:
-                summary = relax_all(context, (session or {}).get("sid"),
-                                    lambda done, total, label: set_progress((str(done), str(max(total, 1)), label)))
+                summary = relax_all(context, sid,
+                                    lambda done, total, label: set_progress((str(done), str(max(total, 1)), label)),
+                                    cancelled=cancel_check(context, sid, CANCEL_KIND, cancel_clicks))
+            except JobCancelled as exc:
+                set_progress(("0", "1", ""))
+                return revision(), html.Div(str(exc), className="wl-message is-warning")
             except Exception as exc:  # partial results stay: the table is refreshed either way
                 set_progress(("0", "1", ""))
                 text = str(exc) if isinstance(exc, JobError) else unexpected(exc)

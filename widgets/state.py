@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import diskcache
 
@@ -55,14 +55,18 @@ class SessionStore:
     def batch(self, session: str) -> str | None:
         return self.cache.get(self._key(session, "batch"))
 
-    def update_candidates(self, session: str, updates: dict[str, dict], batch: str | None = None) -> int:
+    def update_candidates(self, session: str, updates: dict[str, dict], batch: str | None = None,
+                          unless: Callable[[], bool] | None = None) -> int:
         """Merge fields into records by id, atomically; returns how many records changed.
 
         With `batch`, nothing changes if the user generated a new set meanwhile (a late relaxation result must not
-        land on an unrelated candidate that happens to share its id).
+        land on an unrelated candidate that happens to share its id). With `unless`, nothing changes if it returns
+        True inside the transaction (a cancel recorded before this write wins; one recorded after it sees it).
         """
         with self.cache.transact():
             if batch is not None and self.batch(session) != batch:
+                return 0
+            if unless is not None and unless():
                 return 0
             records = self.candidates(session)
             changed = 0

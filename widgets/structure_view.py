@@ -3,10 +3,12 @@ element or by Wyckoff orbit, with the orbit table of the shown structure beside 
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
 from dash import Input, Output, State, dash_table, dcc, html, no_update
+from monty.json import jsanitize
 from pymatgen.core import Structure
 from wyckoff_lab.core.symmetry import quiet_spglib, spacegroup
 from wyckoff_lab.widgets.base import Widget
@@ -14,6 +16,11 @@ from wyckoff_lab.widgets.records import SYMPREC, record_structure
 
 ORBIT_PROPERTY = "Wyckoff orbit"  # categorical site property: Crystal Toolkit's legend colours by it
 ELEMENT_SCHEME = "VESTA"
+# Crystal Toolkit's scene frames the 3D diagonal of the scene's bounding box: a cell that is long along the line of
+# sight (or any cell, by up to a factor of two) comes out small. Framing the extent across the screen instead makes
+# the structure fill FRAME_FILL of the view, whatever its shape.
+FRAME_FILL = 0.75
+SCENE_SETTINGS = {"zoomToFit2D": True, "defaultZoom": FRAME_FILL}
 
 
 def annotate_orbits(structure: Structure, symprec: float = SYMPREC) -> tuple[Structure, str]:
@@ -58,9 +65,87 @@ def orbit_rows(structure: Structure) -> list[dict]:
     return rows
 
 
-def structure_payload(structure: Structure, title: str, source: str) -> dict:
-    """What the shared structure store holds: the structure and how to title it."""
-    return {"structure": structure.as_dict(), "title": title, "source": source}
+def structure_payload(structure: Structure, title: str, source: str, bonds_key: str | None = None) -> dict:
+    """What the shared structure store holds: the structure and how to title it.
+
+    `bonds_key` names a series of frames of one structure (a relaxation): the bonds are found once, on the first
+    frame, and drawn between the same atoms in every later frame, instead of running CrystalNN for each.
+    """
+    payload = {"structure": structure.as_dict(), "title": title, "source": source}
+    if bonds_key:
+        payload["bonds_key"] = bonds_key
+    return payload
+
+
+BONDING = "CrystalNN"  # the 3D view's bonding strategy (Crystal Toolkit's settings panel can change it)
+
+
+class BondCache:
+    """CrystalNN bonds (site pairs with their periodic image) of the latest structures and relaxations.
+
+    The 3D view draws a structure with bonds found here (Crystal Toolkit would find the same ones itself). A
+    relaxation's frames are drawn with the bonds of its first frame, which is the structure shown before Relax was
+    pressed, so no frame of a relaxation waits for CrystalNN (0.1-2 s per frame on two busy cores). Frames come
+    wrapped into the cell: an atom that crosses a cell face keeps its bonds, with the periodic image that follows it.
+    """
+
+    def __init__(self, size: int = 32, tolerance: float = 1e-3):
+        self.size = size
+        self.tolerance = tolerance  # fractional: a frame this close to a known structure (modulo 1) shares its bonds
+        self._entries: dict[str, tuple[np.ndarray, list]] = {}  # key -> (frac coords of the bonded frame, bonds)
+        self._lock = threading.Lock()  # guards the entries
+        self._finding = threading.Lock()  # one CrystalNN at a time: frames arriving meanwhile reuse its bonds
+
+    @staticmethod
+    def _fingerprint(structure: Structure) -> str:
+        abc = np.round(structure.lattice.abc, 2)
+        return "sites-" + " ".join(str(site.specie) for site in structure) + f"|{abc.tolist()}"
+
+    def _lookup(self, structure: Structure, key: str | None):
+        frac = structure.frac_coords
+        with self._lock:
+            if key and key in self._entries and len(self._entries[key][0]) == len(frac):
+                return self._entries[key]
+            for name in (self._fingerprint(structure),):
+                for ref, bonds in self._entries.get(name, []):
+                    if len(ref) == len(frac) and np.max(np.abs((frac - ref + 0.5) % 1.0 - 0.5)) < self.tolerance:
+                        return ref, bonds
+        return None
+
+    def _remember(self, structure: Structure, key: str | None, entry: tuple[np.ndarray, list]) -> None:
+        with self._lock:
+            if key:
+                self._entries[key] = entry
+            name = self._fingerprint(structure)
+            same = [e for e in self._entries.pop(name, []) if e[0] is not entry[0]]
+            self._entries[name] = [entry, *same][:4]
+            while len(self._entries) > self.size:
+                self._entries.pop(next(iter(self._entries)))
+
+    def graph(self, structure: Structure, key: str | None = None):
+        """A StructureGraph of `structure` with the bonds of relaxation `key` if known, else of a known structure
+        with the same sites (within `tolerance`), else found by CrystalNN now (and remembered under both)."""
+        from pymatgen.analysis.graphs import StructureGraph
+
+        entry = self._lookup(structure, key)
+        if entry is None:
+            with self._finding:
+                entry = self._lookup(structure, key)  # found by another frame while this one waited
+                if entry is None:
+                    from pymatgen.analysis.local_env import CrystalNN
+
+                    graph = StructureGraph.from_local_env_strategy(structure, CrystalNN())
+                    bonds = [(int(u), int(v), tuple(int(x) for x in data["to_jimage"]))
+                             for u, v, data in graph.graph.edges(data=True)]
+                    self._remember(structure, key, (structure.frac_coords.copy(), bonds))
+                    return graph
+        self._remember(structure, key, entry)
+        reference, bonds = entry
+        # Whole cells each site moved by since the bonded frame (wrapping), applied to the bond's periodic image.
+        shift = np.round(reference - structure.frac_coords).astype(int)
+        edges = {(u, v, (0, 0, 0), tuple(int(x) for x in np.add(image, shift[v] - shift[u]))): {}
+                 for u, v, image in bonds}
+        return StructureGraph.from_edges(structure, edges)
 
 
 class StructureView(Widget):
@@ -75,14 +160,15 @@ class StructureView(Widget):
 
         super().__init__(**kwargs)
         self.follow_selection = follow_selection
+        self.bonds = BondCache()
         self.size = size  # px: Crystal Toolkit's scene is square
         self.initial = None
         if structure is not None:
             self.initial = structure_payload(structure, title or structure.composition.reduced_formula, "given")
         ctc = crystal_toolkit_components()
         self.ct = ctc.StructureMoleculeComponent(
-            None, id=self.id("ct"), bonding_strategy="CrystalNN", color_scheme=ELEMENT_SCHEME,
-            show_expand_button=False, show_position_button=True)
+            None, id=self.id("ct"), bonding_strategy=BONDING, color_scheme=ELEMENT_SCHEME,
+            show_expand_button=False, show_position_button=True, scene_settings=SCENE_SETTINGS)
 
     @property
     def ct_components(self):
@@ -144,8 +230,9 @@ class StructureView(Widget):
             Output(self.id("symmetry"), "children"),
             Output(self.id("orbits"), "data"),
             Input(self.links.structure, "data"),
+            Input(self.ct.id("graph_generation_options"), "data"),
         )
-        def show(payload):
+        def show(payload, graph_options):
             if not payload or not payload.get("structure"):
                 return no_update, "Nothing selected yet", "", []
             with warnings.catch_warnings():
@@ -153,10 +240,21 @@ class StructureView(Widget):
                 structure = Structure.from_dict(payload["structure"])
                 if not np.all(np.isfinite(structure.frac_coords)) or not np.isfinite(structure.volume):
                     return no_update, payload.get("title", ""), "This structure has non-finite coordinates", []
+                relaxing = bool(payload.get("bonds_key"))
+                if not relaxing:  # into the cell, as Crystal Toolkit draws it (frames stay continuous)
+                    structure = Structure(structure.lattice, structure.species, np.mod(structure.frac_coords, 1),
+                                          site_properties=structure.site_properties)
                 annotated, group = annotate_orbits(structure)
                 rows = orbit_rows(structure)
+                options = graph_options or {}
+                if options.get("bonding_strategy", BONDING) == BONDING and options.get(
+                        "unit_cell_choice", "input") == "input":
+                    graph = self.bonds.graph(annotated, payload.get("bonds_key"))
+                    data = jsanitize(graph.as_dict(), strict=True)
+                else:  # another bonding strategy or cell chosen in Crystal Toolkit's settings: it bonds itself
+                    data = annotated.as_dict()
             symmetry = f"{len(structure)} atoms in this cell · space group {group} (symprec {SYMPREC} Å)"
-            return annotated.as_dict(), payload.get("title", ""), symmetry, rows
+            return data, payload.get("title", ""), symmetry, rows
 
         @app.callback(
             Output(self.ct.id("display_options"), "data", allow_duplicate=True),

@@ -11,7 +11,7 @@ from dash import Input, Output, State, dcc, html, no_update
 from pymatgen.core import Lattice, Structure
 from wyckoff_lab.core.symmetry import AXES, quiet_spglib, spacegroup
 from wyckoff_lab.widgets.base import Widget
-from wyckoff_lab.widgets.structure_view import ORBIT_PROPERTY
+from wyckoff_lab.widgets.structure_view import ORBIT_PROPERTY, SCENE_SETTINGS
 
 # A readable cell for each crystal family (Å, degrees): distinct lengths and angles where the family allows them,
 # so the lattice itself never adds symmetry the space group does not have.
@@ -115,7 +115,8 @@ class TeachView(Widget):
         state = teach_state(DEFAULT["spacegroup"], DEFAULT["position"], DEFAULT["params"], DEFAULT["element"])
         self.ct = crystal_toolkit_components().StructureMoleculeComponent(
             state.structure, id=self.id("ct"), bonding_strategy="CutOffDictNN",
-            bonding_strategy_kwargs={"cut_off_dict": []}, color_scheme=ORBIT_PROPERTY, show_expand_button=False)
+            bonding_strategy_kwargs={"cut_off_dict": []}, color_scheme=ORBIT_PROPERTY, show_expand_button=False,
+            scene_settings=SCENE_SETTINGS)
 
     @property
     def ct_components(self):

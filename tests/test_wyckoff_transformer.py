@@ -171,6 +171,21 @@ def test_quality_gate_resamples_close_sites_and_higher_symmetry(shipped_generato
             assert np.min(structure.distance_matrix[np.triu_indices(len(structure), 1)]) >= 0.7
 
 
+def test_impossible_cells_are_decoding_failures():
+    from pymatgen.core import Lattice, Structure
+
+    from wyckoff_lab.core.generators.wyckoff_transformer import cell_is_sound
+
+    def one_atom(lattice):
+        return Structure(lattice, ["Na"], [[0, 0, 0]])
+
+    assert cell_is_sound(one_atom(Lattice.cubic(3.0)))
+    # Angles no cell can have (alpha + beta < gamma): the volume is NaN, and pymatgen's LLL reduction of such a cell
+    # raises LinAlgError or makes LAPACK print to stdout, which would break `--json` output.
+    assert not cell_is_sound(one_atom(Lattice.from_parameters(4, 4, 4, 20, 20, 100)))
+    assert not cell_is_sound(one_atom(Lattice.cubic(0.9)))  # 0.73 Å^3 per atom
+
+
 def test_quality_gate_keeps_what_only_a_supergroup_can_give(shipped_generator):
     # R-3 with Na on 3a (0,0,0) and Cl on 3b (0,0,1/2) is always at least R-3m: no resampling can help, so the last
     # round keeps the structures and says what spglib found instead of returning nothing.

@@ -28,6 +28,9 @@ DEFAULT_MAX_ATOMS = 20  # primitive cell, as in MP-20
 GATE_SYMPREC = 0.1
 GATE_MIN_DISTANCE_A = 0.7
 RESAMPLE_ROUNDS = 3
+# A sampled cell below this volume per atom (or with angles no cell can have, volume NaN) is a decoding failure:
+# real crystals start near 5 Å^3/atom (diamond 5.7), and such cells break pymatgen's lattice reduction downstream.
+MIN_VOLUME_PER_ATOM_A3 = 1.0
 
 
 class ModelLoadError(ValueError):
@@ -125,6 +128,9 @@ class WyckoffTransformerGenerator(Generator):
                 except ValueError as exc:
                     failures[f"decode: {exc}"] += 1
                     continue
+                if not cell_is_sound(structure):
+                    failures["degenerate_cell"] += 1
+                    continue
                 problem, extra = self._gate(structure, crystal.spacegroup) if self.resample else (None, {})
                 if problem and not last:
                     rejected[problem] += 1
@@ -161,6 +167,16 @@ class WyckoffTransformerGenerator(Generator):
             raise UnsupportedConditionError(
                 f"the Wyckoff transformer never saw {', '.join(unseen)} in training, so it cannot place "
                 f"{'it' if len(unseen) == 1 else 'them'}; try the PyXtal baseline for this chemistry")
+
+
+def cell_is_sound(structure) -> bool:
+    """False for a cell whose lattice parameters or volume are not finite or whose volume per atom is below
+    MIN_VOLUME_PER_ATOM_A3 (sampled angles can violate the inequalities a real cell's angles obey)."""
+    lattice = structure.lattice
+    with np.errstate(invalid="ignore"):
+        volume = lattice.volume
+    return (bool(np.all(np.isfinite(lattice.parameters))) and np.isfinite(volume)
+            and volume >= MIN_VOLUME_PER_ATOM_A3 * len(structure))
 
 
 def learned_embeddings(model) -> dict:

@@ -433,7 +433,7 @@ def test_hull_placement_and_figures(elements):
     candidates = [t for t in figure.data if t.name == "candidates"]
     assert candidates and list(candidates[0].customdata) == ["c001"]
     assert hull_histogram([record]).data[0].x == (placed["e_above_hull"],)
-    assert "No hull yet" in hull_figure(None, []).layout.title.text
+    assert "No hull yet" in hull_figure(None, []).layout.annotations[0].text
 
 
 def test_hull_points_select_candidates_and_show_reference_phases(context):

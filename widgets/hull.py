@@ -54,7 +54,10 @@ def hull_figure(hull: dict | None, records: list[dict]) -> go.Figure:
     figure.update_layout(template="plotly_white", height=460, margin={"l": 60, "r": 20, "t": 40, "b": 50},
                          legend={"orientation": "h", "y": -0.12})
     if not hull:
-        figure.update_layout(title="No hull yet: press “Relax all” (or “Build hull” for relaxed candidates)")
+        # A centred note on empty axes: as a title, the long text ran under the plot's toolbar.
+        figure.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, annotations=[{
+            "text": "No hull yet: press “Relax all”<br>(or “Build hull” for relaxed candidates)", "showarrow": False,
+            "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5, "font": {"size": 15}}])
         return figure
     elements = hull["elements"]
     refs = hull["references"]

@@ -43,7 +43,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_browser(profile: Path):
+def start_browser(profile: Path, downloads: Path | None = None, console_log: bool = False):
+    """Headless Debian Chromium through chromedriver (shared with the end-to-end test): `downloads` sets where files
+    go without a prompt, `console_log` keeps the browser console and network log for reading back."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -53,7 +55,21 @@ def start_browser(profile: Path):
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
+    if console_log:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    if downloads is not None:
+        options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                                  "download.prompt_for_download": False})
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 20) -> None:
+    """Terminate an app process, killing it if it has not exited after `timeout_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def wait_for_server(url: str, deadline: float) -> None:
@@ -154,11 +170,7 @@ def one_run(args, driver, env) -> dict:
         out["relax_status"] = text("wl-relax-status")
         return out
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
         log.seek(0)
         tail = log.read()[-3000:]
         if "Traceback" in tail or sys.exc_info()[0] is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,31 +17,22 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from app_timing import free_port, start_browser, stop_process
 from test_app import small_data  # noqa: F401  (shared fixture: a small real MP-20 folder)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 SYSTEM = ("Al", "Ca", "Cu")
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-default-apps", "--disable-extensions", "--enable-unsafe-swiftshader",
-                  "--window-size=1600,1150")
 
 needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                     reason="Debian chromium + chromium-driver are not installed (make test "
                                            "installs them when run as root)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(small_data, tmp_path_factory):  # noqa: F811  (the imported fixture)
     """`wyckoff-lab app` in a subprocess, as the README starts it; yields (url, seconds until it answered)."""
-    port = _free_port()
+    port = free_port()
     home = tmp_path_factory.mktemp("app")
     env = dict(os.environ, WYCKOFF_LAB_DATA=str(small_data), WYCKOFF_LAB_CACHE=str(home / "cache"),
                WYCKOFF_LAB_MODELS=str(home / "no-models"), OMP_NUM_THREADS="1")
@@ -59,29 +49,13 @@ def app_url(small_data, tmp_path_factory):  # noqa: F811  (the imported fixture)
         assert wait_until_up(url, 120), (home / "app.log").read_text()
         yield url, time.perf_counter() - started, home / "app.log"
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
         log.close()
 
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads"),
-                                              "download.prompt_for_download": False})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = start_browser(tmp_path / "profile", downloads=tmp_path / "downloads", console_log=True)
     driver.downloads = tmp_path / "downloads"
     yield driver
     driver.quit()

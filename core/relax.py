@@ -568,7 +568,14 @@ def relax(
             run.finish(results[i].status, results[i].message)
     t0 = time.perf_counter()
     next_report = PROGRESS_EVERY_STEPS
+    index = {id(run): i for i, run in enumerate(runs)}
     for run in _fire(runs, pot, fmax, max_steps, relax_cell):
+        if run.status is not None:
+            # Cached as soon as it finishes, not when the whole batch has: an interrupted long batch (a benchmark,
+            # a hull) keeps every structure it finished.
+            i = index[id(run)]
+            results[i] = run.result(pot)
+            _store_cached(paths[i], results[i])
         if run.steps >= next_report:  # long batches (hull references) say how far they are
             log.info("step %d: %d of %d structures still relaxing (%.0f s)", run.steps,
                      sum(r.status is None for r in runs), len(runs), time.perf_counter() - t0)

@@ -134,6 +134,28 @@ def test_cache_hit_is_instant_and_identical(tmp_path, monkeypatch):
     assert not relax(start, potential="chgnet", max_steps=49)[0].cached
 
 
+def test_an_interrupted_batch_keeps_what_it_finished(tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("WYCKOFF_LAB_CACHE", str(tmp_path))
+    chgnet = relax_mod.load_potential("chgnet")
+    calls = {"n": 0}
+
+    def evaluate_then_stop(atoms_list, with_stress):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the user stops a long benchmark
+        return chgnet.evaluate(atoms_list, with_stress)
+
+    potential = dataclasses.replace(chgnet, evaluate=evaluate_then_stop)
+    settled = rock_salt()  # forces vanish by symmetry: converged at step 0 with a fixed cell
+    with pytest.raises(KeyboardInterrupt):
+        relax([settled, perturbed(silicon(), 0.2)], potential, fmax=1e-4, max_steps=200, relax_cell=False)
+    assert len(list((tmp_path / "relax").glob("*.json"))) == 1
+    again = relax(settled, potential, fmax=1e-4, max_steps=200, relax_cell=False)[0]
+    assert again.cached and again.status == "converged" and again.steps == 0 and calls["n"] == 3
+
+
 # --- guard rails (fake calculators: no model needed) ---------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pymatgen.core import Composition, Structure
 
-from wyckoff_lab.core.symmetry import quiet_spglib
+from wyckoff_lab.core.symmetry import detected_spacegroup, quiet_spglib
 
 # --- thresholds, each from the seed that defines it ---------------------------------------------------------------
 STRUCT_MIN_DISTANCE = 0.5  # Å; structural validity (CDVAE protocol as restated by SymADiT / composable-crystals)
@@ -156,14 +156,7 @@ def symmetry_info(structure: Structure, symprec: float = DEFAULT_SYMPREC) -> Sym
         pass
     except Exception:  # spglib can choke on degenerate cells; treat as failed detection
         return SymmetryInfo(None)
-    import spglib
-
-    try:
-        cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
-        dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
-    except Exception:
-        dataset = None
-    return SymmetryInfo(None if dataset is None else int(dataset.number))
+    return SymmetryInfo(detected_spacegroup(structure, symprec))
 
 
 def analyze_symmetry(structures: Sequence[Structure], symprec: float = DEFAULT_SYMPREC,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from pymatgen.core import Structure
-from wyckoff_lab.core.symmetry import quiet_spglib, spacegroup
+from wyckoff_lab.core.symmetry import detected_spacegroup, spacegroup
 
 SYMPREC = 0.1  # Å, as for MP-20's labels and WyckoffCrystal
 
@@ -30,16 +30,6 @@ TABLE_COLUMNS = (
     ("relax_status", "relaxation", "text"),
     ("generator", "generator", "text"),
 )
-
-
-def detect_spacegroup(structure: Structure, symprec: float = SYMPREC) -> int | None:
-    """spglib's space-group number at `symprec`, or None when it finds none (a degenerate cell)."""
-    import spglib
-
-    cell = (structure.lattice.matrix, structure.frac_coords, structure.atomic_numbers)
-    with quiet_spglib():
-        dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
-    return None if dataset is None else int(dataset.number)
 
 
 def spacegroup_label(number: int | None) -> str:
@@ -70,7 +60,7 @@ def build_records(candidates: Sequence, references=None, gate_symprec: float | N
         elif gate_symprec == SYMPREC and not extra and candidate.intended_spacegroup:
             detected = int(candidate.intended_spacegroup)
         else:
-            detected = detect_spacegroup(structure)
+            detected = detected_spacegroup(structure, SYMPREC)
         struct_valid = bool(np.isfinite(distances[i]) and distances[i] >= 0.5 and structure.volume >= 0.1)
         records.append({
             "id": f"c{i + 1:03d}",

@@ -152,9 +152,11 @@ class WyckoffTransformerGenerator(Generator):
         parameter landed within `symprec` of a special value. Both are resampled; a structure kept in the last
         round anyway carries what spglib found in `extra`.
         """
-        distances = structure.distance_matrix[np.triu_indices(len(structure), 1)] if len(structure) > 1 else []
-        if len(distances) and float(np.min(distances)) < GATE_MIN_DISTANCE_A:
-            return "sites_too_close", {"min_distance_A": round(float(np.min(distances)), 3)}
+        from wyckoff_lab.core.metrics import min_interatomic_distance
+
+        closest = min_interatomic_distance(structure)  # the distance Matra-Genoa's bond consistency uses
+        if closest < GATE_MIN_DISTANCE_A:
+            return "sites_too_close", {"min_distance_A": round(closest, 3)}
         found = detected_spacegroup(structure, self.symprec)
         if found != sampled_spacegroup:
             return "spacegroup_mismatch", {"detected_spacegroup": found}

@@ -22,12 +22,14 @@ from wyckoff_lab.core.metrics import (
     ReferenceIndex,
     compositional_validity,
     novel_flags,
+    stability_flags,
     structural_validity,
     sun_metrics,
     unique_flags,
 )
 from wyckoff_lab.core.paths import DataUnavailableError
 from wyckoff_lab.core.relax import LoadedPotential, PotentialError, RelaxResult, relax
+from wyckoff_lab.core.structures import primitive_cell
 
 # Candidates and hull references must be relaxed alike; these are the defaults of relax() and HullReference.build.
 FMAX_EV_PER_A = 0.05
@@ -110,12 +112,17 @@ def merge_samples(samples: Sequence[Sample]) -> Sample:
 
 def relax_all(structures: Sequence[Structure], potential: LoadedPotential, max_steps: int = MAX_STEPS,
               progress: bool = False, desc: str = "relaxing") -> tuple[list[RelaxResult], float]:
-    """relax() in chunks of RELAX_CHUNK (so a progress bar moves); the results and the wall time in seconds."""
+    """relax() in chunks of RELAX_CHUNK (so a progress bar moves); the results and the wall time in seconds.
+
+    Each structure is relaxed in its primitive cell: generators write conventional cells (PyXtal's reach 80 atoms
+    for 20 in the primitive cell), the potential's cost grows with the atoms, and energy per atom, hull distance,
+    uniqueness and novelty do not depend on the cell chosen.
+    """
     results: list[RelaxResult] = []
     start = time.perf_counter()
     bar = _bar(len(structures), desc, "crystal", progress)
     for first in range(0, len(structures), RELAX_CHUNK):
-        chunk = list(structures[first:first + RELAX_CHUNK])
+        chunk = [primitive_cell(s) for s in structures[first:first + RELAX_CHUNK]]
         results += relax(chunk, potential, FMAX_EV_PER_A, max_steps)
         bar.update(len(chunk))
     bar.close()
@@ -192,6 +199,9 @@ def place_on_hulls(results: Sequence[RelaxResult], book: HullBook, progress: boo
     return HullPlacement(e_above_hull, list(by_system), failures, n_failed)
 
 
+SUN_WITHIN_EV = (0.001, 0.05, 0.1)
+
+
 def sun_summary(structures: Sequence[Structure], e_above_hull: Sequence[float],
                 reference: ReferenceIndex | Sequence[Structure], matcher=None) -> dict:
     """S.U.N. and M.S.U.N. of one generator's (relaxed) structures, as `metrics.evaluate` counts them.
@@ -199,7 +209,8 @@ def sun_summary(structures: Sequence[Structure], e_above_hull: Sequence[float],
     Structural validity on all; uniqueness among the structurally valid; novelty of the unique ones against
     `reference`; then `metrics.sun_metrics` (stable: E_hull <= 0, metastable: < 0.1 eV/atom, both with at least
     two elements), whose rates are fractions of all structures. NaN energies (failed relaxations or hulls) count
-    as unstable. Also the mean and median E_hull (eV/atom) of the structures that have one.
+    as unstable. Also the mean, median and quantiles of E_hull (eV/atom) over the structures that have one (the
+    paper's Fig. 4 compares these distributions) and S.U.N. counts below each of SUN_WITHIN_EV.
     """
     n = len(structures)
     e = np.asarray(e_above_hull, dtype=float)
@@ -215,13 +226,21 @@ def sun_summary(structures: Sequence[Structure], e_above_hull: Sequence[float],
     stability = sun_metrics(e, struct_valid=struct_valid, comp_valid=compositional_validity(structures),
                             unique=unique, novel=novel, n_elements=[len(s.composition.elements) for s in structures])
     known = e[np.isfinite(e)]
+    # Matra-Genoa's Table I thresholds: S.U.N. counted below 0.001, 0.05 and 0.1 eV/atom above the hull
+    un = struct_valid & unique & novel
+    n_elements = [len(s.composition.elements) for s in structures]
+    within = {str(t): int((un & stability_flags(e, n_elements, t, inclusive=False)).sum())
+              for t in SUN_WITHIN_EV}
     return {"n": n, "n_struct_valid": int(struct_valid.sum()), "n_unique": int(unique.sum()),
             "n_novel": int(novel.sum()), "n_e_above_hull": len(known),
             "sun_rate": stability["sun_rate"], "n_sun": stability["n_sun"],
             "msun_rate": stability["msun_rate"], "n_msun": stability["n_msun"],
             "stable_rate": stability["stable_rate"], "metastable_rate": stability["metastable_rate"],
             "e_above_hull_mean": float(known.mean()) if len(known) else math.nan,
-            "e_above_hull_median": float(np.median(known)) if len(known) else math.nan}
+            "e_above_hull_median": float(np.median(known)) if len(known) else math.nan,
+            "n_sun_within_ev": within,
+            "e_above_hull_quantiles": ({str(q): float(np.quantile(known, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+                                       if len(known) else {})}
 
 
 # -- held-out chemical systems and their recovery -------------------------------------------------------------------

@@ -80,6 +80,20 @@ def read_structures(path) -> list[tuple[str, Structure]]:
     return [(path.name, read_structure(path))]
 
 
+def primitive_cell(structure: Structure, tolerance: float = 0.01) -> Structure:
+    """The same crystal in its primitive cell (a centred conventional cell has 2, 3 or 4 times the atoms), or
+    `structure` itself when pymatgen finds no smaller cell. `tolerance` in Å: generated centred cells are exact,
+    so a tight one only merges true translations."""
+    try:
+        primitive = structure.get_primitive_structure(tolerance=tolerance)
+    except Exception:  # a degenerate cell: relax the structure as given and let the relaxation report it
+        return structure
+    if len(primitive) >= len(structure) or primitive.composition.reduced_composition != \
+            structure.composition.reduced_composition:
+        return structure
+    return primitive
+
+
 def structure_hash(structure: Structure, decimals: int = 6) -> str:
     """A content hash of a structure (lattice, species, wrapped fractional coordinates, rounded): a cache key."""
     lattice = np.round(structure.lattice.matrix, decimals)

@@ -265,18 +265,20 @@ def test_parallel_generation_splits_and_merges(context):
 
 
 def test_records_flag_symmetry_as_sampled_and_messages_count_resamples():
-    from wyckoff_lab.core.generators import Conditions
+    from wyckoff_lab.core.generators import Candidate, Conditions
     from wyckoff_lab.widgets.jobs import generation_message
-    from wyckoff_lab.widgets.records import build_records, symmetry_label, table_rows
+    from wyckoff_lab.widgets.records import SYMPREC, build_records, symmetry_label, table_rows
 
-    def candidate(intended, extra=None):
-        c = type("C", (), {})()
-        c.__dict__.update(structure=rocksalt(), generator="test", conditions=Conditions(), seed=None,
-                          intended_spacegroup=intended, wyckoff=None, extra=extra or {})
-        return c
+    def candidate(intended, extra=None, detected=None, symprec=None):
+        return Candidate(rocksalt(), "test", Conditions(), intended, extra=extra or {},
+                         detected_spacegroup=detected, detected_symprec=symprec)
 
-    records = build_records([candidate(225), candidate(221, {"detected_spacegroup": 225}), candidate(None)])
-    assert [r["symmetry"] for r in records] == ["as sampled", "found 225 (sampled 221)", ""]
+    records = build_records([candidate(225), candidate(221, {"detected_spacegroup": 225}), candidate(None),
+                             candidate(221, detected=221, symprec=SYMPREC), candidate(221, detected=221, symprec=1e-5)])
+    # spglib finds 225 for rocksalt; the generator's own verdict at the records' tolerance is taken as it is (so
+    # the gate's spglib run is not repeated), one at another tolerance is not
+    assert [r["symmetry"] for r in records] == ["as sampled", "found 225 (sampled 221)", "", "as sampled",
+                                                "found 225 (sampled 221)"]
     assert records[1]["extra"] == {"detected_spacegroup": 225} and "symmetry" in table_rows(records)[1]
     assert symmetry_label(12, None) == "none found (sampled 12)"
     summary = {"n": 100, "attempts": 109, "failures": {}, "rejected": {"spacegroup_mismatch": 5,
@@ -295,13 +297,11 @@ def test_relax_one_streams_frames_and_stores_the_result(context):
     from wyckoff_lab.widgets.records import build_records
     from wyckoff_lab.widgets.relaxation import frame_payload, relax_figure
 
-    candidate = type("C", (), {})()
-    from wyckoff_lab.core.generators import Conditions
+    from wyckoff_lab.core.generators import Candidate, Conditions
 
     structure = rocksalt()
     structure.perturb(0.05, 0.0)
-    candidate.__dict__.update(structure=structure, generator="test", conditions=Conditions(), seed=None,
-                              intended_spacegroup=225, wyckoff=None)
+    candidate = Candidate(structure, "test", Conditions(), intended_spacegroup=225)
     context.sessions.set_candidates("tab", build_records([candidate]))
     frames = []
     summary = relax_one(context, "tab", "c001", lambda frame, history: frames.append(
@@ -314,14 +314,12 @@ def test_relax_one_streams_frames_and_stores_the_result(context):
 
 
 def test_a_relaxation_that_cannot_run_keeps_the_structure(context):
-    from wyckoff_lab.core.generators import Conditions
+    from wyckoff_lab.core.generators import Candidate, Conditions
     from wyckoff_lab.widgets.jobs import JobError, relax_message, relax_one
     from wyckoff_lab.widgets.records import build_records
 
     crushed = Structure(Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.01, 0, 0]])
-    candidate = type("C", (), {})()
-    candidate.__dict__.update(structure=crushed, generator="test", conditions=Conditions(), seed=None,
-                              intended_spacegroup=None, wyckoff=None)
+    candidate = Candidate(crushed, "test", Conditions())
     context.sessions.set_candidates("tab", build_records([candidate]))
     summary = relax_one(context, "tab", "c001", lambda frame, history: None)
     assert summary["status"] == "atoms_too_close"
@@ -332,17 +330,14 @@ def test_a_relaxation_that_cannot_run_keeps_the_structure(context):
 
 
 def _relaxable_records(n: int) -> list[dict]:
-    from wyckoff_lab.core.generators import Conditions
+    from wyckoff_lab.core.generators import Candidate, Conditions
     from wyckoff_lab.widgets.records import build_records
 
     candidates = []
     for i in range(n):
         structure = rocksalt()
         structure.perturb(0.05 + 0.01 * i, 0.0)
-        c = type("C", (), {})()
-        c.__dict__.update(structure=structure, generator="test", conditions=Conditions(), seed=None,
-                          intended_spacegroup=225, wyckoff=None)
-        candidates.append(c)
+        candidates.append(Candidate(structure, "test", Conditions(), intended_spacegroup=225))
     return build_records(candidates)
 
 

@@ -202,6 +202,26 @@ def test_cli_sun_on_one_system_with_chgnet(na_cl_mp20, capsys):
     assert row["hull_systems"] == 1 and not row["hull_failures"]
     assert row["n_e_above_hull"] >= 1 and row["e_above_hull_mean"] > -1.0
     assert 0.0 <= row["msun_rate"] <= 1.0
+    assert set(row["n_sun_within_ev"]) == {"0.001", "0.05", "0.1"}
+    assert "msun_ratio_transformer_over_pyxtal" in report and "sun_ratio_transformer_over_pyxtal" in report
+    from wyckoff_lab.app.commands.bench import format_sun
+
+    assert "S.U.N. by threshold: < 0.001 eV/atom" in format_sun(report)
+
+
+def test_structures_are_relaxed_in_their_primitive_cells():
+    from wyckoff_lab.core.structures import primitive_cell
+
+    conventional = rocksalt()  # 8 atoms, F-centred
+    primitive = primitive_cell(conventional)
+    assert len(primitive) == 2 and primitive.volume == pytest.approx(conventional.volume / 4)
+    assert primitive.composition.reduced_formula == "NaCl"
+    already = cesium_chloride_type()
+    assert primitive_cell(already) is already
+    # a cell that is only nearly centred keeps its atoms: the tolerance is tight
+    shaken = rocksalt()
+    shaken.translate_sites([0], [0.02, 0, 0])
+    assert len(primitive_cell(shaken)) == 8
 
 
 # -- hand-made inputs -------------------------------------------------------------------------------------------------
@@ -232,6 +252,9 @@ def test_sun_summary_counts_like_the_definitions():
     assert summary["n_msun"] == 2 and summary["msun_rate"] == pytest.approx(2 / 6)
     assert summary["n_e_above_hull"] == 5
     assert summary["e_above_hull_mean"] == pytest.approx(-0.012) and summary["e_above_hull_median"] == 0.0
+    # Matra-Genoa's thresholds: the CsCl type at 0.0 counts below 0.001, the zincblende type at 0.05 only below 0.1
+    assert summary["n_sun_within_ev"] == {"0.001": 1, "0.05": 1, "0.1": 2}
+    assert summary["e_above_hull_quantiles"]["0.5"] == 0.0
     empty = sun_summary([], [], [rocksalt()])
     assert empty["n"] == 0 and empty["n_sun"] is None and math.isnan(empty["e_above_hull_mean"])
 

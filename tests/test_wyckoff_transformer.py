@@ -163,10 +163,16 @@ def test_quality_gate_resamples_close_sites_and_higher_symmetry(shipped_generato
     kept_anyway = [c for c in result.candidates if c.extra]
     assert len(kept_anyway) <= 2, [c.extra for c in kept_anyway]
     for candidate in result.candidates:
+        if "min_distance_A" in candidate.extra:  # kept in the last round with close sites: symmetry not checked
+            assert candidate.detected_symprec is None
+            continue
+        # the gate records what spglib found, so the app's table does not run it again
+        assert candidate.detected_symprec == 0.1
+        assert candidate.detected_spacegroup == detected_spacegroup(candidate.structure, 0.1)
         if candidate.extra:
             continue
         structure = candidate.structure
-        assert detected_spacegroup(structure, 0.1) == candidate.intended_spacegroup
+        assert candidate.detected_spacegroup == candidate.intended_spacegroup
         if len(structure) > 1:
             assert np.min(structure.distance_matrix[np.triu_indices(len(structure), 1)]) >= 0.7
 
@@ -196,6 +202,7 @@ def test_quality_gate_keeps_what_only_a_supergroup_can_give(shipped_generator):
     for candidate in result.candidates:
         assert candidate.intended_spacegroup == 148
         assert candidate.extra["detected_spacegroup"] not in (None, 148)
+        assert candidate.spacegroup_at(0.1) == candidate.extra["detected_spacegroup"]
 
 
 def test_shipped_generator_refuses_what_it_cannot_do(shipped_generator):

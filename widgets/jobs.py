@@ -227,8 +227,7 @@ def run_generation(context: LabContext, session: str, request: GenerationRequest
         raise JobError(f"No candidate came out of {result.attempts} attempts ({failures})")
     report(n, n, "checking validity and novelty", force=True)
     t0 = time.perf_counter()
-    gate = getattr(generator, "symprec", None) if getattr(generator, "resample", False) else None
-    records = build_records(result.candidates, context.references(), gate_symprec=gate)
+    records = build_records(result.candidates, context.references())
     context.sessions.set_candidates(session, records)
     context.sessions.set(session, "generation", {"generator": request.generator, "conditions": conditions.as_dict(),
                                                  "seconds": result.seconds, "attempts": result.attempts,

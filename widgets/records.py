@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from pymatgen.core import Structure
-from wyckoff_lab.core.symmetry import detected_spacegroup, spacegroup
+from wyckoff_lab.core.symmetry import spacegroup
 
 SYMPREC = 0.1  # Å, as for MP-20's labels and WyckoffCrystal
 
@@ -38,13 +38,12 @@ def spacegroup_label(number: int | None) -> str:
     return f"{spacegroup(number).symbol} ({number})"
 
 
-def build_records(candidates: Sequence, references=None, gate_symprec: float | None = None) -> list[dict]:
+def build_records(candidates: Sequence, references=None) -> list[dict]:
     """One record per candidate: structure, symmetry, validity (structural and SMACT) and novelty.
 
     `references` is a `ReferenceSet` (or None when no reference dataset is available: novelty is then unknown).
-    `gate_symprec`: the candidates come from a generator whose quality gate already ran spglib at that tolerance
-    (the Wyckoff transformer): a candidate it passed has the sampled group, one it flagged carries what spglib found
-    in `extra`, so spglib runs again only where the gate did not reach a verdict.
+    The detected space group is the generator's own where its quality gate ran spglib at SYMPREC (the Wyckoff
+    transformer), so spglib runs here only for candidates nobody has checked.
     """
     from wyckoff_lab.core.metrics import compositional_validity, min_distances
 
@@ -55,12 +54,7 @@ def build_records(candidates: Sequence, references=None, gate_symprec: float | N
     records = []
     for i, (candidate, structure) in enumerate(zip(candidates, structures)):
         extra = dict(getattr(candidate, "extra", None) or {})
-        if gate_symprec == SYMPREC and "detected_spacegroup" in extra:
-            detected = extra["detected_spacegroup"]
-        elif gate_symprec == SYMPREC and not extra and candidate.intended_spacegroup:
-            detected = int(candidate.intended_spacegroup)
-        else:
-            detected = detected_spacegroup(structure, SYMPREC)
+        detected = candidate.spacegroup_at(SYMPREC)
         struct_valid = bool(np.isfinite(distances[i]) and distances[i] >= 0.5 and structure.volume >= 0.1)
         records.append({
             "id": f"c{i + 1:03d}",

@@ -264,9 +264,10 @@ def run_sun(args: argparse.Namespace) -> int:
             report["generators"][name] = {"error": str(generator)}
             continue
         report["generators"][name] = sun_of_generator(generator, args, systems, potential, book, train, progress)
-    rates = {name: row.get("sun_rate") for name, row in report["generators"].items()}
-    report["sun_ratio_transformer_over_pyxtal"] = (
-        rates[TRANSFORMER] / rates[PYXTAL] if rates.get(TRANSFORMER) is not None and rates.get(PYXTAL) else None)
+    for rate in ("sun_rate", "msun_rate"):
+        rates = {name: row.get(rate) for name, row in report["generators"].items()}
+        report[f"{rate.removesuffix('_rate')}_ratio_transformer_over_pyxtal"] = (
+            rates[TRANSFORMER] / rates[PYXTAL] if rates.get(TRANSFORMER) is not None and rates.get(PYXTAL) else None)
     report["hull_systems"] = len(book.seconds)
     report["hull_systems_from_cache"] = sum(book.from_cache.values())
     report["hull_total_s"] = round(sum(book.seconds.values()), 2)
@@ -353,11 +354,16 @@ def format_sun(report: dict) -> str:
         lines.append(f"{name}: {row['attempts']} attempts for {row['structures']} structures{failures}; "
                      f"relaxations {row['relax_status']}; {row['hull_failed']} left without a hull; "
                      f"{row['hull_systems']} chemical systems")
+        within = ", ".join(f"< {t} eV/atom: {k}" for t, k in row["n_sun_within_ev"].items())
+        lines.append(f"  S.U.N. by threshold: {within}")
         for system, reason in row["hull_failures"].items():
             lines.append(f"  no hull for {system}: {reason}")
-    ratio = report["sun_ratio_transformer_over_pyxtal"]
     if TRANSFORMER in report["generators"] and PYXTAL in report["generators"]:
-        lines.append(f"S.U.N. ratio {TRANSFORMER} / {PYXTAL}: {'n/a' if ratio is None else f'{ratio:.2f}'}")
+        for label, key in (("S.U.N.", "sun"), ("M.S.U.N.", "msun")):
+            ratio = report[f"{key}_ratio_transformer_over_pyxtal"]
+            lines.append(f"{label} ratio {TRANSFORMER} / {PYXTAL}: {'n/a' if ratio is None else f'{ratio:.2f}'}")
+    lines.append("S.U.N.: relaxed, valid, unique, novel vs MP-20 train, >= 2 elements, E_hull <= 0 eV/atom; M.S.U.N.: "
+                 "the same below 0.1 eV/atom")
     lines.append(f"{report['hull_systems']} hulls ({report['hull_systems_from_cache']} from cache) in "
                  f"{report['hull_total_s']:.1f} s")
     return "\n".join(lines)

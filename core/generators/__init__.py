@@ -9,7 +9,7 @@ from typing import Callable, ClassVar, Iterable
 
 from pymatgen.core import Composition, Element, Structure
 
-from wyckoff_lab.core.symmetry import spacegroup
+from wyckoff_lab.core.symmetry import detected_spacegroup, spacegroup
 
 # Every condition a generator may honour; the app enables exactly the controls a generator declares.
 CONDITION_NAMES = ("elements", "formula", "spacegroup", "template", "stability", "max_atoms", "properties")
@@ -122,12 +122,25 @@ class Candidate:
     sampling_time_s: float = 0.0  # this candidate's share of the batch's sampling + decoding time
     seed: int | None = None
     extra: dict = field(default_factory=dict)
+    # spglib's space group of `structure` at `detected_symprec` Å, set when the generator already ran it (a
+    # quality gate), so readers at the same tolerance need not run spglib again; None when nobody has looked.
+    detected_spacegroup: int | None = None
+    detected_symprec: float | None = None
+
+    def spacegroup_at(self, symprec: float) -> int | None:
+        """spglib's space group of the structure at `symprec` Å: the generator's verdict where it checked at that
+        tolerance, otherwise found now (None if spglib finds none)."""
+        if self.detected_symprec == symprec and self.detected_spacegroup is not None:
+            return self.detected_spacegroup
+        return detected_spacegroup(self.structure, symprec)
 
     def as_dict(self) -> dict:
+        checked = {"detected_spacegroup": self.detected_spacegroup, "detected_symprec": self.detected_symprec}
         return {"structure": self.structure.as_dict(), "generator": self.generator,
                 "conditions": self.conditions.as_dict(), "intended_spacegroup": self.intended_spacegroup,
                 "wyckoff": self.wyckoff, "tokens": self.tokens, "sampling_time_s": self.sampling_time_s,
-                "seed": self.seed, **({"extra": self.extra} if self.extra else {})}
+                "seed": self.seed, **({"extra": self.extra} if self.extra else {}),
+                **(checked if self.detected_symprec is not None else {})}
 
 
 @dataclass

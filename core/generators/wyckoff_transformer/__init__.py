@@ -98,7 +98,7 @@ class WyckoffTransformerGenerator(Generator):
         max_atoms = conditions.max_atoms or DEFAULT_MAX_ATOMS
         plan = DecodingPlan.build(conditions, max_atoms, self.seen_elements, self.seen_spacegroups)
         start = time.perf_counter()
-        kept: list[tuple] = []  # (structure, crystal, sequence, extra)
+        kept: list[tuple] = []  # (structure, crystal, sequence, extra, spacegroup the gate found or None)
         failures, rejected = Counter(), Counter()
         attempts = 0
         rounds = RESAMPLE_ROUNDS if self.resample else 1
@@ -131,19 +131,21 @@ class WyckoffTransformerGenerator(Generator):
                 if not cell_is_sound(structure):
                     failures["degenerate_cell"] += 1
                     continue
-                problem, extra = self._gate(structure, crystal.spacegroup) if self.resample else (None, {})
+                problem, extra, found = self._gate(structure, crystal.spacegroup) if self.resample else (None, {}, None)
                 if problem and not last:
                     rejected[problem] += 1
                     continue
-                kept.append((structure, crystal, sequence, extra))
+                kept.append((structure, crystal, sequence, extra, found))
         per_candidate = (time.perf_counter() - start) / max(1, len(kept))
         candidates = [Candidate(structure, self.name, conditions, crystal.spacegroup, crystal.as_dict(),
-                                sequence.as_strings(), per_candidate, seed, extra)
-                      for structure, crystal, sequence, extra in kept]
+                                sequence.as_strings(), per_candidate, seed, extra, found,
+                                None if found is None else self.symprec)
+                      for structure, crystal, sequence, extra, found in kept]
         return GenerationResult(candidates, attempts=attempts, failures=dict(failures), rejected=dict(rejected))
 
-    def _gate(self, structure, sampled_spacegroup: int) -> tuple[str | None, dict]:
-        """Why a decoded structure is not what was asked for (None if it is), and what a kept one should carry.
+    def _gate(self, structure, sampled_spacegroup: int) -> tuple[str | None, dict, int | None]:
+        """Why a decoded structure is not what was asked for (None if it is), what a kept one should carry in
+        `extra`, and the space group spglib found at `symprec` (None where the distance check already failed).
 
         Two ways a valid sequence can still disappoint: two sites closer than GATE_MIN_DISTANCE_A (the coordinates
         are drawn one orbit at a time, and a later orbit's images can land on an earlier one), and a space group
@@ -156,11 +158,11 @@ class WyckoffTransformerGenerator(Generator):
 
         closest = min_interatomic_distance(structure)  # the distance Matra-Genoa's bond consistency uses
         if closest < GATE_MIN_DISTANCE_A:
-            return "sites_too_close", {"min_distance_A": round(closest, 3)}
+            return "sites_too_close", {"min_distance_A": round(closest, 3)}, None
         found = detected_spacegroup(structure, self.symprec)
         if found != sampled_spacegroup:
-            return "spacegroup_mismatch", {"detected_spacegroup": found}
-        return None, {}
+            return "spacegroup_mismatch", {"detected_spacegroup": found}, found
+        return None, {}, found
 
     def _check_feasible(self, conditions: Conditions) -> None:
         """Elements the model never saw get a clear error (impossible templates are refused by DecodingPlan)."""

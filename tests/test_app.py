@@ -261,7 +261,9 @@ def test_parallel_generation_splits_and_merges(context):
     assert [c.structure.composition for c in first.candidates] == [c.structure.composition for c in again.candidates]
     assert all(c.structure.composition.reduced_formula == "NaCl" for c in first.candidates)
     assert generation_workers(context, generator, 5) == 1  # too few samples to pay for a worker
-    assert generation_workers(context, type("T", (), {"name": "wyckoff-transformer"})(), 500) == 1  # batched model
+    assert generator.parallel_safe and generation_workers(context, generator, 500) >= 1
+    transformer = context.generator("wyckoff-transformer")
+    assert not transformer.parallel_safe and generation_workers(context, transformer, 500) == 1  # batched model
 
 
 def test_records_flag_symmetry_as_sampled_and_messages_count_resamples():

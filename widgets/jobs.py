@@ -114,15 +114,12 @@ def conditions_for(request: GenerationRequest):
         raise JobError(f"Invalid conditions: {exc.args[0] if exc.args else exc}") from None
 
 
-# Generators whose samples are independent CPU work in Python (no batched model): a request is split over worker
-# processes. A generator can say so itself with a `parallel_safe` class attribute.
-PARALLEL_GENERATORS = frozenset({"pyxtal"})
 MIN_SAMPLES_PER_WORKER = 20  # below this a worker's fork and hand-over cost more than it saves
 
 
 def generation_workers(context: LabContext, generator, n: int) -> int:
     """How many processes share a generation: 1 unless the generator is parallel-safe, at most one per core."""
-    if not getattr(generator, "parallel_safe", getattr(generator, "name", None) in PARALLEL_GENERATORS):
+    if not getattr(generator, "parallel_safe", False):
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     wanted = context.settings.generation_workers or cores

@@ -169,6 +169,8 @@ class Generator(abc.ABC):
     description: ClassVar[str] = ""
     supported_conditions: ClassVar[frozenset[str]] = frozenset()
     uses_temperature: ClassVar[bool] = True
+    # Samples are independent CPU work (no batched model), so a request may be split over forked processes.
+    parallel_safe: ClassVar[bool] = False
 
     def check_conditions(self, conditions: Conditions) -> None:
         """Refuse, with a clear message, any condition this generator cannot honour."""

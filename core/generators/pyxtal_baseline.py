@@ -227,6 +227,7 @@ class PyXtalGenerator(Generator):
     description = "PyXtal random symmetric crystals with charge compensation (the Matra-Genoa baseline)"
     supported_conditions = frozenset({"elements", "formula", "spacegroup", "max_atoms", "template"})
     uses_temperature = False
+    parallel_safe = True  # one random symmetric structure at a time, in Python
 
     def __init__(self, chemical_systems: Mapping | None = None, spacegroups: Mapping[int, float] | None = None,
                  volume_factor: float = VOLUME_FACTOR, attempts_per_structure: int = ATTEMPTS_PER_STRUCTURE,

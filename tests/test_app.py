@@ -226,6 +226,51 @@ def test_generation_refuses_bad_input_and_keeps_candidates(context, request_kwar
     assert context.sessions.candidates("tab") == before
 
 
+def test_cancelled_generation_and_hull_store_nothing(context):
+    """Generate or Build hull cancelled while the job waited for the warm-up, or while it was about to store its
+    result: the session keeps its candidates and hull exactly as they were."""
+    from wyckoff_lab.widgets.jobs import (
+        GenerationRequest,
+        JobCancelled,
+        cancel_check,
+        hull_for_session,
+        request_cancel,
+        run_generation,
+    )
+
+    run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=0))
+    before = context.sessions.candidates("tab")
+    request_cancel(context, "tab", "generate", 1)
+    with pytest.raises(JobCancelled, match="candidates from before stay"):  # cancelled before it started
+        run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=1),
+                       cancelled=cancel_check(context, "tab", "generate", 0))
+    checks = []
+
+    def cancelled_once_sampled() -> bool:  # the user presses cancel while the samples are being checked
+        checks.append(1)
+        return len(checks) > 1
+
+    with pytest.raises(JobCancelled):
+        run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=2),
+                       cancelled=cancelled_once_sampled)
+    assert len(checks) == 2 and context.sessions.candidates("tab") == before
+    run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=3),
+                   cancelled=cancel_check(context, "tab", "generate", 1))  # the next click's job runs
+    assert context.sessions.candidates("tab") != before
+
+    request_cancel(context, "tab", "hull", 1)
+    with pytest.raises(JobCancelled, match="Hull cancelled"):
+        hull_for_session(context, "tab", cancelled=cancel_check(context, "tab", "hull", 0))
+    assert context.sessions.get("tab", "hull") is None
+    # the hull and the candidates' places on it are stored together or not at all
+    first = context.sessions.candidates("tab")[0]["id"]
+    assert not context.sessions.store_hull("tab", {"elements": ["Cl", "Na"]}, {first: {"e_above_hull": 0.1}},
+                                           unless=lambda: True)
+    assert context.sessions.get("tab", "hull") is None and context.sessions.candidates("tab")[0]["e_above_hull"] is None
+    assert context.sessions.store_hull("tab", {"elements": ["Cl", "Na"]}, {first: {"e_above_hull": 0.1}})
+    assert context.sessions.get("tab", "hull") and context.sessions.candidates("tab")[0]["e_above_hull"] == 0.1
+
+
 def test_unseen_element_with_the_transformer(context, tmp_path, monkeypatch):
     """A model that never saw an element says so; without weights the generator says that instead."""
     import torch

@@ -9,9 +9,19 @@ from __future__ import annotations
 from dash import Input, Output, State, dcc, html, no_update
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.context import WARMUP_WAIT_S
-from wyckoff_lab.widgets.jobs import GenerationRequest, JobError, generation_message, run_generation, unexpected
+from wyckoff_lab.widgets.jobs import (
+    GenerationRequest,
+    JobCancelled,
+    JobError,
+    cancel_check,
+    generation_message,
+    request_cancel,
+    run_generation,
+    unexpected,
+)
 from wyckoff_lab.widgets.state import revision
 
+CANCEL_KIND = "generate"  # the session's cancel record for this widget's jobs (see jobs.request_cancel)
 RESULT_POLL_MS = 250  # how often the browser asks whether the candidates are ready (they show this much sooner)
 STABILITY_OPTIONS = [{"label": "any stability", "value": ""},
                      {"label": "stable (low E above hull)", "value": "low"},
@@ -124,6 +134,7 @@ class GeneratePanel(Widget):
             State(self.id("temperature"), "value"),
             State(self.id("seed"), "value"),
             State(self.id("stability"), "value"),
+            State(self.id("cancel"), "n_clicks"),
             background=True,
             running=[(Output(self.id("run"), "disabled"), True, False),
                      (Output(self.id("cancel"), "disabled"), False, True),
@@ -134,7 +145,8 @@ class GeneratePanel(Widget):
             interval=min(context.settings.progress_interval_ms, RESULT_POLL_MS),
             prevent_initial_call=True,
         )
-        def generate(set_progress, _clicks, session, chemistry, symmetry, name, n, temperature, seed, stability):
+        def generate(set_progress, _clicks, session, chemistry, symmetry, name, n, temperature, seed, stability,
+                     cancel_clicks):
             chemistry, symmetry = chemistry or {}, symmetry or {}
             request = GenerationRequest(
                 generator=name, n=n, elements=chemistry.get("elements") or None,
@@ -142,10 +154,15 @@ class GeneratePanel(Widget):
                 spacegroup=symmetry.get("spacegroup"), template=symmetry.get("template"),
                 temperature=temperature or 1.0, seed=None if seed in (None, "") else int(seed),
                 stability=stability or None)
+            sid = (session or {}).get("sid")
             try:
-                summary = run_generation(context, (session or {}).get("sid"), request,
+                summary = run_generation(context, sid, request,
                                          lambda done, total, label: set_progress((str(done), str(max(total, 1)),
-                                                                                  label)))
+                                                                                  label)),
+                                         cancelled=cancel_check(context, sid, CANCEL_KIND, cancel_clicks))
+            except JobCancelled as exc:
+                set_progress(("0", "1", ""))
+                return no_update, no_update, html.Div(str(exc), className="wl-message is-warning")
             except Exception as exc:  # JobError: the user's to fix; anything else: reported, never a broken page
                 set_progress(("0", "1", ""))
                 text = str(exc) if isinstance(exc, JobError) else unexpected(exc)
@@ -153,6 +170,22 @@ class GeneratePanel(Widget):
             set_progress(("1", "1", ""))
             return revision(), summary["first"], html.Div(generation_message(summary, name),
                                                           className="wl-message is-success")
+
+        @app.callback(
+            Output(self.id("status"), "children", allow_duplicate=True),
+            Input(self.id("cancel"), "n_clicks"),
+            State(self.links.session, "data"),
+            prevent_initial_call=True,
+        )
+        def cancel(clicks, session):
+            """Record the cancel: Dash stops the job's process, and a job that had not started yet (still waiting
+            for the warm-up) or had not stored its candidates yet sees the record and stores nothing."""
+            sid = (session or {}).get("sid")
+            if not sid:
+                return no_update
+            request_cancel(context, sid, CANCEL_KIND, clicks)
+            return html.Div("Generation cancelled; the candidates from before stay as they were.",
+                            className="wl-message is-warning")
 
 
 def _field(label: str, control):

@@ -9,9 +9,19 @@ import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html, no_update
 from pymatgen.core import Composition
 from wyckoff_lab.widgets.base import Widget
-from wyckoff_lab.widgets.jobs import JobError, hull_for_session, hull_message, phase_diagram, unexpected
+from wyckoff_lab.widgets.jobs import (
+    JobCancelled,
+    JobError,
+    cancel_check,
+    hull_for_session,
+    hull_message,
+    phase_diagram,
+    request_cancel,
+    unexpected,
+)
 from wyckoff_lab.widgets.state import revision
 
+CANCEL_KIND = "hull"  # the session's cancel record for this widget's jobs (see jobs.request_cancel)
 HULL_COLORSCALE = "Viridis"
 REFERENCE_PREFIX = "ref:"  # customdata of a reference phase on the diagram; a candidate's is its id
 MAX_HULL_COLOR_EV = 0.3  # colour scale saturates here: anything further above the hull looks the same
@@ -229,6 +239,7 @@ class HullView(Widget):
             Output(self.id("status"), "children"),
             Input(self.id("build"), "n_clicks"),
             State(self.links.session, "data"),
+            State(self.id("cancel"), "n_clicks"),
             background=True,
             running=[(Output(self.id("build"), "disabled"), True, False),
                      (Output(self.id("cancel"), "disabled"), False, True)],
@@ -236,13 +247,32 @@ class HullView(Widget):
             progress=[Output(self.id("progress-label"), "children")],
             interval=context.settings.progress_interval_ms, prevent_initial_call=True,
         )
-        def build(set_progress, _clicks, session):
+        def build(set_progress, _clicks, session, cancel_clicks):
+            sid = (session or {}).get("sid")
             try:
-                summary = hull_for_session(context, (session or {}).get("sid"),
-                                           lambda done, total, label: set_progress(label))
+                summary = hull_for_session(context, sid, lambda done, total, label: set_progress(label),
+                                           cancelled=cancel_check(context, sid, CANCEL_KIND, cancel_clicks))
+            except JobCancelled as exc:
+                set_progress("")
+                return no_update, html.Div(str(exc), className="wl-message is-warning")
             except Exception as exc:  # JobError: the user's to fix; anything else: reported, never a broken page
                 set_progress("")
                 text = str(exc) if isinstance(exc, JobError) else unexpected(exc)
                 return no_update, html.Div(text, className="wl-message is-danger")
             set_progress("")
             return revision(), html.Div(hull_message(summary), className="wl-message is-success")
+
+        @app.callback(
+            Output(self.id("status"), "children", allow_duplicate=True),
+            Input(self.id("cancel"), "n_clicks"),
+            State(self.links.session, "data"),
+            prevent_initial_call=True,
+        )
+        def cancel(clicks, session):
+            """Record the cancel, so a build that had not started (or not stored its hull) stores nothing."""
+            sid = (session or {}).get("sid")
+            if not sid:
+                return no_update
+            request_cancel(context, sid, CANCEL_KIND, clicks)
+            return html.Div("Hull cancelled; the session's candidates and hull stay as they were.",
+                            className="wl-message is-warning")

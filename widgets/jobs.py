@@ -193,10 +193,11 @@ def generate_in_workers(generator, n: int, conditions, temperature: float, seed:
 
 
 def run_generation(context: LabContext, session: str, request: GenerationRequest,
-                   progress: Progress = _no_progress) -> dict:
+                   progress: Progress = _no_progress, cancelled: Callable[[], bool] = _never) -> dict:
     """Generate candidates and make them the session's candidate set. Returns a summary for the status line.
 
-    What was generated before stays untouched when anything fails.
+    What was generated before stays untouched when anything fails, and when `cancelled()` turns True before the
+    new set is stored (JobCancelled says so).
     """
     if request.n is None or int(request.n) < 1:
         raise JobError("Ask for at least one sample")
@@ -208,6 +209,9 @@ def run_generation(context: LabContext, session: str, request: GenerationRequest
     except Exception as exc:  # ModelLoadError and friends: the reason is what the user needs
         raise JobError(f"The {request.generator} generator cannot be used: {exc}") from None
     conditions = conditions_for(request)
+    stop = JobCancelled("Generation cancelled; the candidates from before stay as they were.")
+    if cancelled():  # pressed while the job still waited for the app's warm-up
+        raise stop
     report = Throttle(progress)
     report(0, n, f"{request.generator}: starting", force=True)
     workers = generation_workers(context, generator, n)
@@ -225,7 +229,8 @@ def run_generation(context: LabContext, session: str, request: GenerationRequest
     report(n, n, "checking validity and novelty", force=True)
     t0 = time.perf_counter()
     records = build_records(result.candidates, context.references())
-    context.sessions.set_candidates(session, records)
+    if context.sessions.set_candidates(session, records, unless=cancelled) is None:
+        raise stop
     context.sessions.set(session, "generation", {"generator": request.generator, "conditions": conditions.as_dict(),
                                                  "seconds": result.seconds, "attempts": result.attempts,
                                                  "failures": result.failures})
@@ -386,7 +391,7 @@ def relax_all(context: LabContext, session: str, progress: Progress = _no_progre
                            "not built")
     summary = {"relaxed": len(todo), "seconds": time.perf_counter() - t0}
     if build_hull:
-        summary.update(hull_for_session(context, session, progress))
+        summary.update(hull_for_session(context, session, progress, cancelled))
     return summary
 
 
@@ -453,9 +458,14 @@ def place_on_hull(hull: dict, composition: Composition, energy_per_atom: float, 
             "decomposition": {e.composition.reduced_formula: round(float(f), 4) for e, f in decomposition.items()}}
 
 
-def hull_for_session(context: LabContext, session: str, progress: Progress = _no_progress) -> dict:
+def hull_for_session(context: LabContext, session: str, progress: Progress = _no_progress,
+                     cancelled: Callable[[], bool] = _never) -> dict:
     """Build (or load from the hull cache) the convex hull of the session's chemical system with the app's
-    potential, keep it in the session, and place every relaxed candidate on it."""
+    potential, keep it in the session, and place every relaxed candidate on it.
+
+    Once `cancelled()` is True nothing more is stored (JobCancelled); reference relaxations already finished stay
+    in the relaxation cache, so the next build resumes from them.
+    """
     from wyckoff_lab.core.hull import HullReference
 
     records = context.sessions.candidates(session)
@@ -466,6 +476,9 @@ def hull_for_session(context: LabContext, session: str, progress: Progress = _no
     if len(elements) > 5:
         raise JobError(f"The candidates span {len(elements)} elements ({'-'.join(elements)}); a hull needs a "
                        "chemical system of at most 5: choose the elements in step 1")
+    stop = JobCancelled("Hull cancelled; the session's candidates and hull stay as they were.")
+    if cancelled():  # pressed while the job still waited for the app's warm-up
+        raise stop
     potential = _potential(context)
     progress(0, 1, f"relaxing the {'-'.join(elements)} reference phases of {context.settings.dataset} with "
              f"{potential.name} (cached after the first time)")
@@ -478,7 +491,6 @@ def hull_for_session(context: LabContext, session: str, progress: Progress = _no
     except Exception as exc:  # no data offline, failed elemental references: the message says which
         raise JobError(f"Cannot build the {'-'.join(elements)} hull: {exc}") from None
     data = hull_data(hull)
-    context.sessions.set(session, "hull", data)
     diagram = phase_diagram(data)
     updates = {}
     for record in records:
@@ -486,7 +498,8 @@ def hull_for_session(context: LabContext, session: str, progress: Progress = _no
             energy_per_atom = record["energy"] / record["natoms"]  # relaxation keeps the number of atoms
             updates[record["id"]] = place_on_hull(data, Composition(record["formula"]), energy_per_atom,
                                                   record.get("potential_identity"), diagram)
-    context.sessions.update_candidates(session, updates, batch=batch)
+    if not context.sessions.store_hull(session, data, updates, batch=batch, unless=cancelled):
+        raise stop
     progress(1, 1, "hull ready")
     placed = sum(1 for u in updates.values() if u)
     return {"elements": elements, "references": len(data["references"]), "placed": placed,

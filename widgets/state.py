@@ -43,10 +43,16 @@ class SessionStore:
             return None
         return next((r for r in self.candidates(session) if r["id"] == candidate_id), None)
 
-    def set_candidates(self, session: str, records: list[dict], batch: str | None = None) -> str:
-        """Replace the candidate set; returns the new batch id (updates addressed to an older batch are dropped)."""
+    def set_candidates(self, session: str, records: list[dict], batch: str | None = None,
+                       unless: Callable[[], bool] | None = None) -> str | None:
+        """Replace the candidate set; returns the new batch id (updates addressed to an older batch are dropped).
+
+        With `unless`, nothing changes (and None is returned) if it returns True inside the transaction.
+        """
         batch = batch or uuid.uuid4().hex[:8]
         with self.cache.transact():
+            if unless is not None and unless():
+                return None
             self.cache.set(self._key(session, "candidates"), list(records), expire=SESSION_TTL_S)
             self.cache.set(self._key(session, "batch"), batch, expire=SESSION_TTL_S)
             self.cache.delete(self._key(session, "hull"))
@@ -64,19 +70,34 @@ class SessionStore:
         True inside the transaction (a cancel recorded before this write wins; one recorded after it sees it).
         """
         with self.cache.transact():
-            if batch is not None and self.batch(session) != batch:
-                return 0
             if unless is not None and unless():
                 return 0
-            records = self.candidates(session)
-            changed = 0
-            for record in records:
-                fields = updates.get(record["id"])
-                if fields:
-                    record.update(fields)
-                    changed += 1
-            if changed:
-                self.cache.set(self._key(session, "candidates"), records, expire=SESSION_TTL_S)
+            return self._merge(session, updates, batch)
+
+    def store_hull(self, session: str, hull: dict, placements: dict[str, dict], batch: str | None = None,
+                   unless: Callable[[], bool] | None = None) -> bool:
+        """Keep the session's hull and merge each candidate's place on it, in one transaction: both or, when
+        `unless()` is True inside it, neither (False). Placements addressed to an older batch are dropped."""
+        with self.cache.transact():
+            if unless is not None and unless():
+                return False
+            self.cache.set(self._key(session, "hull"), hull, expire=SESSION_TTL_S)
+            self._merge(session, placements, batch)
+        return True
+
+    def _merge(self, session: str, updates: dict[str, dict], batch: str | None) -> int:
+        """Merge fields into records by id (inside the caller's transaction); 0 if `batch` is not current."""
+        if batch is not None and self.batch(session) != batch:
+            return 0
+        records = self.candidates(session)
+        changed = 0
+        for record in records:
+            fields = updates.get(record["id"])
+            if fields:
+                record.update(fields)
+                changed += 1
+        if changed:
+            self.cache.set(self._key(session, "candidates"), records, expire=SESSION_TTL_S)
         return changed
 
     # -- extras ---------------------------------------------------------------------------------------------------

@@ -655,6 +655,17 @@ def test_callbacks_chemistry_symmetry_and_table(app, context):
     assert "Fm-3m (225)" in view["wl-view-symmetry"]["children"] and view["wl-view-orbits"]["data"]
 
 
+def test_generate_and_hull_cancel_buttons_record_the_cancel(app, context):
+    from wyckoff_lab.widgets.jobs import cancel_check
+
+    for prefix, kind in (("wl-gen", "generate"), ("wl-hull", "hull")):
+        shown = call(app, f"{prefix}-status.children", {f"{prefix}-cancel.n_clicks": 2},
+                     {"wl-session.data": {"sid": "tab-c"}})
+        assert "cancelled" in json.dumps(shown[f"{prefix}-status"]["children"])
+        assert cancel_check(context, "tab-c", kind, 1)() and not cancel_check(context, "tab-c", kind, 2)()
+    assert not cancel_check(context, "tab-c", "relax", 0)()  # each kind of job has its own record
+
+
 def test_cancel_through_the_page_leaves_a_consistent_state(app, context):
     """Pressing cancel records it, refreshes what the page shows from the session (what was relaxed before the
     cancel), and a frame of the cancelled run still waiting to be polled is not shown."""

@@ -74,6 +74,26 @@ class Widget:
     def register(self, app: Dash) -> None:
         """Add this widget's callbacks to `app` (called once per app)."""
 
+    def register_cancel_record(self, app: Dash, kind: str, message: str) -> None:
+        """On this widget's "cancel" button, record the cancel for `kind` of job in the session and say `message`
+        in its "status". Dash stops the job's process itself; the record stops a job that had not started yet
+        (it waited for the warm-up) or had not stored its result (see `jobs.request_cancel`)."""
+        from dash import Input, Output, State, no_update
+        from wyckoff_lab.widgets.jobs import request_cancel
+
+        @app.callback(
+            Output(self.id("status"), "children", allow_duplicate=True),
+            Input(self.id("cancel"), "n_clicks"),
+            State(self.links.session, "data"),
+            prevent_initial_call=True,
+        )
+        def record_cancel(clicks, session):
+            sid = (session or {}).get("sid")
+            if not sid:
+                return no_update
+            request_cancel(self.context, sid, kind, clicks)
+            return html.Div(message, className="wl-message is-warning")
+
     @property
     def ct_components(self) -> list:
         return []

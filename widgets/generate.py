@@ -10,12 +10,12 @@ from dash import Input, Output, State, dcc, html, no_update
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.context import WARMUP_WAIT_S
 from wyckoff_lab.widgets.jobs import (
+    GENERATION_CANCELLED,
     GenerationRequest,
     JobCancelled,
     JobError,
     cancel_check,
     generation_message,
-    request_cancel,
     run_generation,
     unexpected,
 )
@@ -171,21 +171,7 @@ class GeneratePanel(Widget):
             return revision(), summary["first"], html.Div(generation_message(summary, name),
                                                           className="wl-message is-success")
 
-        @app.callback(
-            Output(self.id("status"), "children", allow_duplicate=True),
-            Input(self.id("cancel"), "n_clicks"),
-            State(self.links.session, "data"),
-            prevent_initial_call=True,
-        )
-        def cancel(clicks, session):
-            """Record the cancel: Dash stops the job's process, and a job that had not started yet (still waiting
-            for the warm-up) or had not stored its candidates yet sees the record and stores nothing."""
-            sid = (session or {}).get("sid")
-            if not sid:
-                return no_update
-            request_cancel(context, sid, CANCEL_KIND, clicks)
-            return html.Div("Generation cancelled; the candidates from before stay as they were.",
-                            className="wl-message is-warning")
+        self.register_cancel_record(app, CANCEL_KIND, GENERATION_CANCELLED)
 
 
 def _field(label: str, control):

@@ -10,13 +10,13 @@ from dash import Input, Output, State, dcc, html, no_update
 from pymatgen.core import Composition
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.jobs import (
+    HULL_CANCELLED,
     JobCancelled,
     JobError,
     cancel_check,
     hull_for_session,
     hull_message,
     phase_diagram,
-    request_cancel,
     unexpected,
 )
 from wyckoff_lab.widgets.state import revision
@@ -262,17 +262,4 @@ class HullView(Widget):
             set_progress("")
             return revision(), html.Div(hull_message(summary), className="wl-message is-success")
 
-        @app.callback(
-            Output(self.id("status"), "children", allow_duplicate=True),
-            Input(self.id("cancel"), "n_clicks"),
-            State(self.links.session, "data"),
-            prevent_initial_call=True,
-        )
-        def cancel(clicks, session):
-            """Record the cancel, so a build that had not started (or not stored its hull) stores nothing."""
-            sid = (session or {}).get("sid")
-            if not sid:
-                return no_update
-            request_cancel(context, sid, CANCEL_KIND, clicks)
-            return html.Div("Hull cancelled; the session's candidates and hull stay as they were.",
-                            className="wl-message is-warning")
+        self.register_cancel_record(app, CANCEL_KIND, HULL_CANCELLED)

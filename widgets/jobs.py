@@ -34,6 +34,10 @@ class JobCancelled(JobError):
     """The user pressed cancel: the job stopped, and what it had stored before the cancel stays."""
 
 
+GENERATION_CANCELLED = "Generation cancelled; the candidates from before stay as they were."
+HULL_CANCELLED = "Hull cancelled; the session's candidates and hull stay as they were."
+
+
 def request_cancel(context: LabContext, session: str, kind: str, clicks: int) -> None:
     """Record that the user pressed a cancel button (`clicks`: its n_clicks) for `kind` of job in `session`.
 
@@ -209,7 +213,7 @@ def run_generation(context: LabContext, session: str, request: GenerationRequest
     except Exception as exc:  # ModelLoadError and friends: the reason is what the user needs
         raise JobError(f"The {request.generator} generator cannot be used: {exc}") from None
     conditions = conditions_for(request)
-    stop = JobCancelled("Generation cancelled; the candidates from before stay as they were.")
+    stop = JobCancelled(GENERATION_CANCELLED)
     if cancelled():  # pressed while the job still waited for the app's warm-up
         raise stop
     report = Throttle(progress)
@@ -476,7 +480,7 @@ def hull_for_session(context: LabContext, session: str, progress: Progress = _no
     if len(elements) > 5:
         raise JobError(f"The candidates span {len(elements)} elements ({'-'.join(elements)}); a hull needs a "
                        "chemical system of at most 5: choose the elements in step 1")
-    stop = JobCancelled("Hull cancelled; the session's candidates and hull stay as they were.")
+    stop = JobCancelled(HULL_CANCELLED)
     if cancelled():  # pressed while the job still waited for the app's warm-up
         raise stop
     potential = _potential(context)

@@ -56,6 +56,25 @@ def min_interatomic_distance(structure: Structure) -> float:
     return closest
 
 
+def min_contact_ratio(structure: Structure) -> float:
+    """Smallest d_ij / (r_i + r_j) over all pairs of atoms (periodic images included), r the covalent radii of
+    Cordero et al. (2008): 1 is a typical bond, and well below 0.5 two atoms overlap whatever their size (0.7 Å is
+    a short Li–O contact but a Li–Mn pair on top of each other)."""
+    from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
+
+    if structure.volume < 1e-6:
+        return 0.0
+    radii = np.array([CovalentRadius.radius.get(site.specie.symbol) or float(site.specie.atomic_radius or 1.5)
+                      for site in structure])  # the table stops at Cm
+    # an atom and its own images: the shortest lattice vector against twice the largest radius bounds them all
+    ratio = shortest_lattice_vector(structure.lattice) / (2 * radii.max())
+    if len(structure) > 1:
+        pairs = np.triu_indices(len(structure), k=1)
+        contact = structure.distance_matrix[pairs] / (radii[pairs[0]] + radii[pairs[1]])
+        ratio = min(ratio, float(contact.min()))
+    return float(ratio)
+
+
 def min_distances(structures: Sequence[Structure]) -> np.ndarray:
     """`min_interatomic_distance` of each structure (Å); NaN where it cannot be computed."""
     out = np.full(len(structures), np.nan)

@@ -73,6 +73,16 @@ def test_close_atoms_fail_structural_validity():
     assert M.structural_validity([middle])[0] and not M.bond_consistency([middle])[0]
 
 
+def test_contact_ratio_scales_distances_by_covalent_radii():
+    # Na (1.66 Å) and Cl (1.02 Å) in rocksalt: 2.82 Å apart, a typical ionic contact
+    assert M.min_contact_ratio(rocksalt()) == pytest.approx(2.82 / (1.66 + 1.02), abs=0.01)
+    # 0.77 Å clears the 0.7 Å bond-consistency limit, but for Li (1.28 Å) and Mn (1.50 Å) it is an overlap
+    overlap = Structure(Lattice.cubic(6.0), ["Li", "Mn"], [[0, 0, 0], [0.77 / 6.0, 0, 0]])
+    assert M.min_interatomic_distance(overlap) > 0.7 and M.min_contact_ratio(overlap) == pytest.approx(0.77 / 2.78)
+    # a one-atom cell against its own images: Cs (2.44 Å) every 2.5 Å
+    assert M.min_contact_ratio(Structure(Lattice.cubic(2.5), ["Cs"], [[0, 0, 0]])) == pytest.approx(2.5 / 4.88)
+
+
 def test_single_atom_cell_sees_its_periodic_images():
     tiny = Structure(Lattice.cubic(0.4), ["Cu"], [[0, 0, 0]])  # the atom is 0.4 Å from its own image
     assert M.min_interatomic_distance(tiny) == pytest.approx(0.4)

@@ -152,6 +152,7 @@ def test_shipped_weights_sample_valid_structures(shipped_generator):
 
 
 def test_quality_gate_resamples_close_sites_and_higher_symmetry(shipped_generator):
+    from wyckoff_lab.core.metrics import min_contact_ratio
     from wyckoff_lab.core.symmetry import detected_spacegroup
 
     result = shipped_generator.generate(150, temperature=1.3, seed=11)
@@ -163,7 +164,8 @@ def test_quality_gate_resamples_close_sites_and_higher_symmetry(shipped_generato
     kept_anyway = [c for c in result.candidates if c.extra]
     assert len(kept_anyway) <= 2, [c.extra for c in kept_anyway]
     for candidate in result.candidates:
-        if "min_distance_A" in candidate.extra:  # kept in the last round with close sites: symmetry not checked
+        if {"min_distance_A", "min_contact_ratio"} & set(candidate.extra):  # kept in the last round with close
+            # sites: symmetry not checked
             assert candidate.detected_symprec is None
             continue
         # the gate records what spglib found, so the app's table does not run it again
@@ -175,6 +177,7 @@ def test_quality_gate_resamples_close_sites_and_higher_symmetry(shipped_generato
         assert candidate.detected_spacegroup == candidate.intended_spacegroup
         if len(structure) > 1:
             assert np.min(structure.distance_matrix[np.triu_indices(len(structure), 1)]) >= 0.7
+        assert min_contact_ratio(structure) >= 0.4  # no two atoms overlap for their size
 
 
 def test_impossible_cells_are_decoding_failures():
@@ -195,10 +198,13 @@ def test_impossible_cells_are_decoding_failures():
 def test_quality_gate_keeps_what_only_a_supergroup_can_give(shipped_generator):
     # R-3 with Na on 3a (0,0,0) and Cl on 3b (0,0,1/2) is always at least R-3m: no resampling can help, so the last
     # round keeps the structures and says what spglib found instead of returning nothing.
-    result = shipped_generator.generate(4, Conditions(formula="NaCl", spacegroup=148,
+    # (four atoms in the primitive cell at most: no room for more NaCl orbits that would make it truly R-3)
+    from wyckoff_lab.core.generators.wyckoff_transformer import RESAMPLE_ROUNDS
+
+    result = shipped_generator.generate(4, Conditions(formula="NaCl", spacegroup=148, max_atoms=4,
                                                       template=(("Na", "3a"), ("Cl", "3b"))), seed=0)
     assert len(result.candidates) == 4
-    assert result.rejected == {"spacegroup_mismatch": 8}
+    assert result.rejected == {"spacegroup_mismatch": 4 * (RESAMPLE_ROUNDS - 1)}
     for candidate in result.candidates:
         assert candidate.intended_spacegroup == 148
         assert candidate.extra["detected_spacegroup"] not in (None, 148)

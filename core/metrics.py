@@ -47,32 +47,33 @@ def min_interatomic_distance(structure: Structure) -> float:
     `distance_matrix` gives minimum-image distances between distinct sites; the self-image term covers one-atom
     cells (and any cell whose shortest lattice vector is shorter than every inter-site distance).
     """
-    if structure.volume < 1e-6:  # a collapsed cell: every atom sits on its images
-        return 0.0
-    closest = shortest_lattice_vector(structure.lattice)
-    if len(structure) > 1:
-        dm = structure.distance_matrix
-        closest = min(closest, float(dm[np.triu_indices(len(structure), k=1)].min()))
-    return closest
+    return closest_contacts(structure)[0]
 
 
 def min_contact_ratio(structure: Structure) -> float:
     """Smallest d_ij / (r_i + r_j) over all pairs of atoms (periodic images included), r the covalent radii of
     Cordero et al. (2008): 1 is a typical bond, and well below 0.5 two atoms overlap whatever their size (0.7 Å is
     a short Li–O contact but a Li–Mn pair on top of each other)."""
+    return closest_contacts(structure)[1]
+
+
+def closest_contacts(structure: Structure) -> tuple[float, float]:
+    """(min_interatomic_distance, min_contact_ratio) from one distance matrix."""
     from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
 
-    if structure.volume < 1e-6:
-        return 0.0
-    radii = np.array([CovalentRadius.radius.get(site.specie.symbol) or float(site.specie.atomic_radius or 1.5)
-                      for site in structure])  # the table stops at Cm
-    # an atom and its own images: the shortest lattice vector against twice the largest radius bounds them all
-    ratio = shortest_lattice_vector(structure.lattice) / (2 * radii.max())
+    if structure.volume < 1e-6:  # a collapsed cell: every atom sits on its images
+        return 0.0, 0.0
+    radii = np.array([CovalentRadius.radius.get(el.symbol) or float(el.atomic_radius or 1.5)
+                      for el in structure.species])  # the table stops at Cm
+    # an atom and its own images: the shortest lattice vector, against twice the largest radius for the ratio
+    closest = shortest_lattice_vector(structure.lattice)
+    ratio = closest / (2 * radii.max())
     if len(structure) > 1:
         pairs = np.triu_indices(len(structure), k=1)
-        contact = structure.distance_matrix[pairs] / (radii[pairs[0]] + radii[pairs[1]])
-        ratio = min(ratio, float(contact.min()))
-    return float(ratio)
+        distances = structure.distance_matrix[pairs]
+        closest = min(closest, float(distances.min()))
+        ratio = min(ratio, float((distances / (radii[pairs[0]] + radii[pairs[1]])).min()))
+    return closest, float(ratio)
 
 
 def min_distances(structures: Sequence[Structure]) -> np.ndarray:

@@ -159,12 +159,11 @@ class WyckoffTransformerGenerator(Generator):
         parameter landed within `symprec` of a special value. Both are resampled; a structure kept in the last
         round anyway carries what spglib found in `extra`.
         """
-        from wyckoff_lab.core.metrics import min_contact_ratio, min_interatomic_distance
+        from wyckoff_lab.core.metrics import closest_contacts
 
-        closest = min_interatomic_distance(structure)  # the distance Matra-Genoa's bond consistency uses
+        closest, contact = closest_contacts(structure)  # closest: the distance Matra-Genoa's bond consistency uses
         if closest < GATE_MIN_DISTANCE_A:
             return "sites_too_close", {"min_distance_A": round(closest, 3)}, None
-        contact = min_contact_ratio(structure)
         if contact < GATE_MIN_CONTACT_RATIO:
             return "sites_too_close", {"min_contact_ratio": round(contact, 3)}, None
         found = detected_spacegroup(structure, self.symprec)

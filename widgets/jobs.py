@@ -35,7 +35,7 @@ class JobCancelled(JobError):
 
 
 GENERATION_CANCELLED = "Generation cancelled; the candidates from before stay as they were."
-HULL_CANCELLED = "Hull cancelled; the session's candidates and hull stay as they were."
+HULL_CANCELLED = "Hull cancelled; nothing of it was stored, and the candidates keep what they had."
 
 
 def request_cancel(context: LabContext, session: str, kind: str, clicks: int) -> None:

@@ -47,7 +47,7 @@ def min_interatomic_distance(structure: Structure) -> float:
     `distance_matrix` gives minimum-image distances between distinct sites; the self-image term covers one-atom
     cells (and any cell whose shortest lattice vector is shorter than every inter-site distance).
     """
-    return closest_contacts(structure)[0]
+    return _closest(structure, None)[0]
 
 
 def min_contact_ratio(structure: Structure) -> float:
@@ -61,18 +61,24 @@ def closest_contacts(structure: Structure) -> tuple[float, float]:
     """(min_interatomic_distance, min_contact_ratio) from one distance matrix."""
     from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
 
-    if structure.volume < 1e-6:  # a collapsed cell: every atom sits on its images
-        return 0.0, 0.0
     radii = np.array([CovalentRadius.radius.get(el.symbol) or float(el.atomic_radius or 1.5)
                       for el in structure.species])  # the table stops at Cm
-    # an atom and its own images: the shortest lattice vector, against twice the largest radius for the ratio
+    return _closest(structure, radii)
+
+
+def _closest(structure: Structure, radii: np.ndarray | None) -> tuple[float, float]:
+    """Smallest distance and, with `radii`, smallest distance over radii sum (NaN without): the self-image term
+    is the shortest lattice vector (over twice the largest radius for the ratio)."""
+    if structure.volume < 1e-6:  # a collapsed cell: every atom sits on its images
+        return 0.0, 0.0
     closest = shortest_lattice_vector(structure.lattice)
-    ratio = closest / (2 * radii.max())
+    ratio = closest / (2 * radii.max()) if radii is not None else math.nan
     if len(structure) > 1:
         pairs = np.triu_indices(len(structure), k=1)
         distances = structure.distance_matrix[pairs]
         closest = min(closest, float(distances.min()))
-        ratio = min(ratio, float((distances / (radii[pairs[0]] + radii[pairs[1]])).min()))
+        if radii is not None:
+            ratio = min(ratio, float((distances / (radii[pairs[0]] + radii[pairs[1]])).min()))
     return closest, float(ratio)
 
 

@@ -50,6 +50,8 @@ GPU_BATCH_SIZE = 32
 def batch_size(device: str) -> int:
     """Structures per potential forward pass on `device`."""
     return CPU_BATCH_SIZE if str(device) == "cpu" else GPU_BATCH_SIZE
+
+
 PROGRESS_EVERY_STEPS = 50  # relax() logs (INFO) how many structures are still relaxing this often
 
 MIN_DISTANCE_A = 0.5  # closer pairs than this are unphysical: no potential is trained there
@@ -287,7 +289,8 @@ def _load_mattersim(device: str) -> LoadedPotential:
 
     def evaluate(atoms_list: list[Atoms], with_stress: bool) -> list[Evaluation]:
         loader = build_dataloader(
-            atoms_list, cutoff=cutoff, threebody_cutoff=threebody_cutoff, batch_size=batch_size(device), only_inference=True
+            atoms_list, cutoff=cutoff, threebody_cutoff=threebody_cutoff, batch_size=batch_size(device),
+            only_inference=True,
         )
         energies, forces, stresses = potential.predict_properties(
             loader, include_forces=True, include_stresses=with_stress

@@ -660,7 +660,7 @@ def test_generate_and_hull_cancel_buttons_record_the_cancel(app, context):
 
     for prefix, kind in (("wl-gen", "generate"), ("wl-hull", "hull")):
         shown = call(app, f"{prefix}-status.children", {f"{prefix}-cancel.n_clicks": 2},
-                     {"wl-session.data": {"sid": "tab-c"}})
+                     {"wl-session.data": {"sid": "tab-c"}}, query="?cancelJob=999999999")  # a job already gone
         assert "cancelled" in json.dumps(shown[f"{prefix}-status"]["children"])
         assert cancel_check(context, "tab-c", kind, 1)() and not cancel_check(context, "tab-c", kind, 2)()
     assert not cancel_check(context, "tab-c", "relax", 0)()  # each kind of job has its own record

@@ -7,6 +7,7 @@ Dash app — the full Explorer, or a single widget shown alone in Jupyter — wi
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass
 from importlib import resources
@@ -15,6 +16,8 @@ from pathlib import Path
 from dash import Dash, dcc, html
 from wyckoff_lab.widgets.context import LabContext
 from wyckoff_lab.widgets.state import new_session_id, revision
+
+log = logging.getLogger(__name__)
 
 CT_STATIC_ROUTE = "wl-static/ct"  # Crystal Toolkit's CSS and fonts, served from its wheel
 
@@ -51,6 +54,20 @@ class Links:
         ]
 
 
+def cancel_jobs(context: LabContext, sid: str, kind: str, clicks: int) -> None:
+    """Inside a cancel button's callback: record the cancel (see `jobs.request_cancel`), then stop at once the
+    running background jobs whose ids Dash sends with the click."""
+    import flask
+    from wyckoff_lab.widgets.jobs import request_cancel
+
+    request_cancel(context, sid, kind, clicks)
+    for job in flask.request.args.getlist("cancelJob"):
+        try:
+            context.manager.terminate_job(job)
+        except Exception as exc:  # gone already, or not ours: the cancel record stops it anyway
+            log.info("could not stop job %s: %s", job, exc)
+
+
 class Widget:
     """A self-contained part of the page: `layout()` builds it, `register(app)` adds its callbacks.
 
@@ -75,11 +92,10 @@ class Widget:
         """Add this widget's callbacks to `app` (called once per app)."""
 
     def register_cancel_record(self, app: Dash, kind: str, message: str) -> None:
-        """On this widget's "cancel" button, record the cancel for `kind` of job in the session and say `message`
-        in its "status". Dash stops the job's process itself; the record stops a job that had not started yet
-        (it waited for the warm-up) or had not stored its result (see `jobs.request_cancel`)."""
+        """On this widget's "cancel" button, record the cancel for `kind` of job in the session, stop the running
+        job, and say `message` in its "status". The record stops a job that had not started yet (it waited for the
+        warm-up) or had not stored its result (see `jobs.request_cancel`)."""
         from dash import Input, Output, State, no_update
-        from wyckoff_lab.widgets.jobs import request_cancel
 
         @app.callback(
             Output(self.id("status"), "children", allow_duplicate=True),
@@ -91,7 +107,7 @@ class Widget:
             sid = (session or {}).get("sid")
             if not sid:
                 return no_update
-            request_cancel(self.context, sid, kind, clicks)
+            cancel_jobs(self.context, sid, kind, clicks)
             return html.Div(message, className="wl-message is-warning")
 
     @property

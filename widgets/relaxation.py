@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import logging
-
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html, no_update
-from wyckoff_lab.widgets.base import Widget
+from wyckoff_lab.widgets.base import Widget, cancel_jobs
 from wyckoff_lab.widgets.jobs import (
     USABLE,
     JobCancelled,
@@ -17,13 +15,10 @@ from wyckoff_lab.widgets.jobs import (
     relax_all,
     relax_message,
     relax_one,
-    request_cancel,
     unexpected,
 )
 from wyckoff_lab.widgets.state import revision
 from wyckoff_lab.widgets.structure_view import structure_payload
-
-log = logging.getLogger(__name__)
 
 FRAME_EVERY_S = 0.3  # at most this often a frame is handed to the browser (it polls at the progress interval)
 FRAME_POLL_MS = 250  # how often the browser asks for a new frame while relaxing (the first arrives this much sooner)
@@ -219,17 +214,10 @@ class RelaxPanel(Widget):
         def cancel(clicks, session):
             """Record the cancel (so nothing that arrives later is stored or shown), stop the job's process at
             once, then show what the session holds: what was relaxed before the cancel, and nothing else."""
-            import flask
-
             sid = (session or {}).get("sid")
             if not sid:
                 return no_update, no_update
-            request_cancel(context, sid, CANCEL_KIND, clicks)
-            for job in flask.request.args.getlist("cancelJob"):  # Dash sends the running job's id with the click
-                try:
-                    context.manager.terminate_job(job)
-                except Exception as exc:  # gone already, or not ours: the cancel record stops it anyway
-                    log.info("could not stop job %s: %s", job, exc)
+            cancel_jobs(context, sid, CANCEL_KIND, clicks)
             records = context.sessions.candidates(sid)
             relaxed = sum(r.get("relax_status") in USABLE for r in records)
             text = (f"Relaxation cancelled. {relaxed} of {len(records)} candidates are relaxed (kept); nothing from "

@@ -203,6 +203,23 @@ class CrystalDataset:
         inside = {system: set(system.split("-")) <= allowed for system in chemsys.unique()}
         return np.flatnonzero(chemsys.map(inside).to_numpy(bool))
 
+    def take(self, rows: Sequence[int] | np.ndarray, split: str | None = None) -> CrystalDataset:
+        """A dataset of the given rows, in that order (e.g. the rows of another set that training may add)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = np.diff(self.offsets)[rows]
+        atoms = (np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in rows]) if len(rows)
+                 else np.zeros(0, dtype=np.int64))
+        return CrystalDataset(
+            self.name,
+            split or self.split,
+            self.frame.iloc[rows],
+            self.lattices[rows],
+            self.frac_coords[atoms].reshape(-1, 3),
+            self.atomic_numbers[atoms],
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            {},
+        )
+
     @classmethod
     def concatenate(cls, name: str, split: str, parts: Sequence[CrystalDataset]) -> CrystalDataset:
         """One dataset holding the rows of `parts` in order, their failures summed."""
@@ -434,6 +451,109 @@ def _mp20_hull_sources() -> list[Path]:
         return [train, fetch_split("mp_20", "val"), fetch_split("mp_20", "test")]
     except DataUnavailableError as exc:
         raise DataUnavailableError(f"the MP-20 hull needs the formation energies of every split: {exc}") from None
+
+
+def mp20_and_36k_e_above_hull(*, progress: bool = False, workers: int | None = None) -> pd.Series:
+    """Energy above hull (eV/atom) of every MP-20 row and every 36k-set row, from one hull of both sets' formation
+    energies, indexed by material_id.
+
+    MP-20 keeps only phases within 0.08 eV/atom of the Materials Project hull, so on its own it cannot teach what
+    "unstable" looks like; the 36k set adds ~20k MP phases beyond that (and larger cells). An id in both sets
+    uses MP-20's formation energy. The 36k set comes from an older MP snapshot whose elemental references differ
+    (Br, Se, Te, I by 0.4-0.5 eV/atom of that element): its energies are first put on MP-20's scale by
+    `align_formation_energies`. Cached like `mp20_e_above_hull`.
+    """
+    mp20_sources = _mp20_hull_sources()
+    extra_source = DATASETS["mp_36k"].source_file("all")
+    digests = ":".join(file_digest(p) for p in [*mp20_sources, extra_source])
+    key = hashlib.sha256(f"v{CACHE_VERSION}:{digests}".encode()).hexdigest()[:16]
+    path = cache_dir() / "datasets" / f"mp_20_mp_36k_e_above_hull_{key}.parquet"
+    if path.exists():
+        try:
+            return pd.read_parquet(path)["e_above_hull"]
+        except (OSError, ValueError, KeyError):
+            log.warning("hull cache %s is unreadable; recomputing it", path)
+    columns = ["material_id", "pretty_formula", "formation_energy_per_atom"]
+    mp20 = pd.concat([pd.read_csv(p, usecols=columns) for p in mp20_sources], ignore_index=True)
+    mp20 = mp20.rename(columns={"pretty_formula": "formula"})
+    mp20["material_id"] = mp20["material_id"].astype(str)
+    extra = load_dataset("mp_36k", "all", progress=progress, workers=workers).frame
+    extra = extra[["material_id", "formula", "formation_energy_per_atom"]].copy()
+    extra["formation_energy_per_atom"] = align_formation_energies(extra, mp20)
+    extra = extra[~extra["material_id"].isin(set(mp20["material_id"]))]
+    hull = e_above_hull_from_formation_energies(pd.concat([mp20, extra], ignore_index=True), progress=progress,
+                                                workers=workers)
+    hull = hull.groupby(level=0).min()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    hull.to_frame().to_parquet(partial)
+    os.replace(partial, path)
+    return hull
+
+
+def mp36k_training_rows(*, progress: bool = False, workers: int | None = None) -> CrystalDataset:
+    """The 36k-set rows that may join MP-20 train, with `e_above_hull` from `mp20_and_36k_e_above_hull`.
+
+    Left out, so that MP-20's held-out splits stay held out: every MP-20 id (train ones are already in train, val
+    and test ones would leak), and every row whose chemical system MP-20 has only in val/test (the recovery
+    benchmark's systems are chosen among those).
+    """
+    extra = load_dataset("mp_36k", "all", progress=progress, workers=workers)
+    mp20_ids, train_systems, held_out_systems = set(), set(), set()
+    for split in DATASETS["mp_20"].splits:
+        frame = load_dataset("mp_20", split, progress=progress, workers=workers).frame
+        mp20_ids |= set(frame["material_id"])
+        (train_systems if split == "train" else held_out_systems).update(frame["chemsys"])
+    train_meta = find_split_file("mp_20", "train_meta_nocoords")
+    if train_meta is not None:  # train ids without a structure count as train too
+        meta = pd.read_csv(train_meta, usecols=["material_id", "pretty_formula"])
+        mp20_ids |= set(meta["material_id"].astype(str))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train_systems |= {Composition(f).chemical_system for f in meta["pretty_formula"]}
+    frame = extra.frame
+    keep = ~frame["material_id"].isin(mp20_ids) & ~frame["chemsys"].isin(held_out_systems - train_systems)
+    rows = extra.take(np.flatnonzero(keep.to_numpy()), split="train_extra")
+    hull = mp20_and_36k_e_above_hull(progress=progress, workers=workers)
+    rows.frame["e_above_hull"] = rows.frame["material_id"].map(hull)
+    return rows
+
+
+def align_formation_energies(table: pd.DataFrame, reference: pd.DataFrame, outlier_ev: float = 0.1) -> np.ndarray:
+    """`table`'s formation energies (eV/atom) moved onto `reference`'s scale by one offset per element.
+
+    Materials Project snapshots differ mostly in their elemental reference energies and per-species corrections,
+    i.e. by sum_el x_el * c_el for atom fractions x_el; the c_el are a least-squares fit over the ids both tables
+    share, refit without rows off by more than `outlier_ev` (e.g. a new magnetic ground state). Between the 36k
+    set and MP-20 (16,786 shared ids) that takes |difference| from 0.010 / 0.139 / 0.33 to 0.005 / 0.032 / 0.17
+    eV/atom at the 50th / 90th / 99th percentile. Elements absent from the shared ids get no offset.
+    """
+    shared = table.merge(reference[["material_id", "formation_energy_per_atom"]].drop_duplicates("material_id"),
+                         on="material_id", suffixes=("", "_reference"))
+    fractions = _atom_fractions(pd.concat([table["formula"], shared["formula"]], ignore_index=True))
+    x_table, x_shared = fractions[:len(table)], fractions[len(table):]
+    difference = (shared["formation_energy_per_atom"] - shared["formation_energy_per_atom_reference"]).to_numpy()
+    fit = np.isfinite(difference)
+    offsets = np.zeros(fractions.shape[1])
+    for _ in range(2):
+        if not fit.any():
+            break
+        offsets = np.linalg.lstsq(x_shared[fit], difference[fit], rcond=None)[0]
+        fit = np.isfinite(difference) & (np.abs(difference - x_shared @ offsets) < outlier_ev)
+    return table["formation_energy_per_atom"].to_numpy(dtype=float) - x_table @ offsets
+
+
+def _atom_fractions(formulas: pd.Series) -> np.ndarray:
+    """(rows, elements) atom fractions of reduced formulas, one column per element that occurs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compositions = [Composition(f).fractional_composition.as_dict() for f in formulas]
+    columns = {el: i for i, el in enumerate(sorted({el for c in compositions for el in c}))}
+    fractions = np.zeros((len(compositions), len(columns)))
+    for row, composition in enumerate(compositions):
+        for el, x in composition.items():
+            fractions[row, columns[el]] = x
+    return fractions
 
 
 def e_above_hull_from_formation_energies(

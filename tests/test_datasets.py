@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from pymatgen.core import Structure
+from pymatgen.core import Composition, Structure
 from pymatgen.io.cif import CifWriter
 
 from wyckoff_lab.app.cli import main
@@ -231,3 +231,114 @@ def test_cli_stats_and_prepare(env: Path, capsys: pytest.CaptureFixture[str]) ->
 
     assert main(["data", "prepare", "--dataset", "perov_5"]) == 2  # its test split is missing and offline
     assert "perov_5/test" in capsys.readouterr().err
+
+
+def test_take_keeps_rows_and_their_atoms(env: Path) -> None:
+    ds = load_dataset("mp_20", "val")
+    rows = [5, 0, 42]
+    part = ds.take(rows, split="picked")
+    assert part.split == "picked" and len(part) == 3
+    assert part.frame["material_id"].tolist() == ds.frame["material_id"].iloc[rows].tolist()
+    for i, row in enumerate(rows):
+        assert part.structure(i) == ds.structure(row)
+    assert len(ds.take([])) == 0
+
+
+def test_align_formation_energies_recovers_element_offsets() -> None:
+    """A table on another scale (one offset per element, one outlier) is put back onto the reference's scale."""
+    rng = np.random.default_rng(0)
+    elements = ["Li", "O", "Se", "Fe", "Te", "Mg"]
+    offsets = dict(zip(elements, [0.0, -0.03, 0.46, 0.02, 0.41, -0.01]))
+    formulas = ["".join(f"{el}{n}" for el, n in zip(elements, counts) if n)
+                for counts in rng.integers(0, 4, size=(200, len(elements)))]
+    formulas = [f for f in formulas if f]
+    shift = np.array([sum(x * offsets[el.symbol] for el, x in Composition(f).fractional_composition.items())
+                      for f in formulas])
+    truth = rng.uniform(-2, 0, len(formulas))
+    reference = pd.DataFrame({"material_id": [f"mp-{i}" for i in range(len(formulas))], "formula": formulas,
+                              "formation_energy_per_atom": truth})
+    table = reference.copy()
+    table["formation_energy_per_atom"] = truth + shift
+    table.loc[0, "formation_energy_per_atom"] += 1.0  # e.g. a new magnetic ground state: left out of the fit
+    table.loc[len(table)] = ["extra-1", "Li2Se", -1.0]  # not in the reference: moved by the fitted offsets
+    table.loc[len(table)] = ["extra-2", "KrF2", -0.5]  # elements the fit never saw: not moved
+
+    aligned = datasets.align_formation_energies(table, reference)
+    np.testing.assert_allclose(aligned[1:len(formulas)], truth[1:], atol=1e-9)
+    assert aligned[0] == pytest.approx(truth[0] + 1.0)
+    assert aligned[-2] == pytest.approx(-1.0 - 2 / 3 * offsets["Li"] - 1 / 3 * offsets["Se"])
+    assert aligned[-1] == pytest.approx(-0.5)
+
+
+@pytest.fixture
+def env_with_36k(env: Path, small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """`env`, plus a 36k set made of MP-20 rows: train rows under their own ids, and copies of val and train rows
+    under new ids with formation energies 0.3 eV/atom higher."""
+    root = tmp_path / "data36k"
+    (root / "mp_crysxpp_36k").mkdir(parents=True)
+    (root / "mp_20").symlink_to(small_data / "mp_20")
+    train = pd.read_csv(small_data / "mp_20" / "train.csv.gz")
+    val = pd.read_csv(small_data / "mp_20" / "val.csv.gz")
+    same_id = train.iloc[:10]
+    # Val rows of systems that train has (the small data has one) and of systems it has only in val.
+    train_systems = {Composition(f).chemical_system for f in train["pretty_formula"]}
+    shared = val["pretty_formula"].map(lambda f: Composition(f).chemical_system in train_systems)
+    val = pd.concat([val[shared], val[~shared].iloc[:10]])
+    copies = pd.concat([val.assign(material_id=[f"extra-val-{i}" for i in range(len(val))]),
+                        train.iloc[10:20].assign(material_id=[f"extra-train-{i}" for i in range(10)])])
+    copies["formation_energy_per_atom"] += 0.3
+    table = pd.concat([same_id, copies], ignore_index=True)
+    table["crysxpp_id"] = range(len(table))
+    table[["crysxpp_id", "material_id", "formation_energy_per_atom", "cif"]].to_csv(
+        root / "mp_crysxpp_36k" / "structures.csv.gz", index=False)
+    monkeypatch.setenv(paths.DATA_ENV, str(root))
+    source = dict(zip(copies["material_id"], pd.concat([val, train.iloc[10:20]])["material_id"]))
+    return {"source_id": source, "train_systems": set(load_dataset("mp_20", "train").frame["chemsys"])}
+
+
+def test_mp36k_training_rows_keep_mp20_held_out_out(env_with_36k: dict) -> None:
+    rows = datasets.mp36k_training_rows()
+    ids = set(rows.frame["material_id"])
+    assert not ids & set(load_dataset("mp_20", "all").frame["material_id"])  # no MP-20 id, train, val or test
+    assert {f"extra-train-{i}" for i in range(10)} <= ids
+    val_copies = load_dataset("mp_36k").frame.query("material_id.str.startswith('extra-val')")
+    in_train_system = val_copies["chemsys"].isin(env_with_36k["train_systems"])
+    assert 0 < in_train_system.sum() < len(val_copies)  # the small data has both kinds
+    assert ids & set(val_copies["material_id"]) == set(val_copies["material_id"][in_train_system])
+    assert rows.split == "train_extra"
+
+    # Same scale (the shared ids agree, so no offsets): each copy sits 0.3 eV/atom above its original.
+    hull = datasets.mp20_and_36k_e_above_hull()
+    expected = rows.frame["material_id"].map(env_with_36k["source_id"]).map(hull) + 0.3
+    np.testing.assert_allclose(rows.frame["e_above_hull"], expected, atol=1e-6)
+    assert (hull[load_dataset("mp_20", "train").frame["material_id"]] >= -1e-6).all()
+
+
+def test_training_set_with_36k_labels_unstable_rows(env_with_36k: dict) -> None:
+    from wyckoff_lab.core.generators.wyckoff_transformer.train import load_training_set
+
+    plain, plain_report = load_training_set("mp_20", "train", 20, 160)
+    mixed, report = load_training_set("mp_20", "train", 20, 160, extra_data="mp_36k", add_extra_rows=True)
+    assert report["kept_mp_20_train"] == plain_report["kept"]
+    assert report["kept_mp_36k_train_extra"] > 0
+    assert report["kept"] == plain_report["kept"] + report["kept_mp_36k_train_extra"]
+    assert mixed.stability[plain_report["kept"]:].count("high") == report["kept_mp_36k_train_extra"]
+    val, val_report = load_training_set("mp_20", "val", 20, 160, extra_data="mp_36k")  # relabelled, no rows added
+    assert "kept_mp_36k_train_extra" not in val_report and val_report["kept"] == len(val.crystals)
+    with pytest.raises(ValueError, match="not available for 'perov_5'"):
+        load_training_set("perov_5", "val", 20, 160, extra_data="mp_36k")
+
+
+def test_novelty_reference_holds_what_the_transformer_trained_on(env_with_36k: dict) -> None:
+    from types import SimpleNamespace
+
+    from wyckoff_lab.app.commands.bench import novelty_reference
+
+    train = load_dataset("mp_20", "train")
+    plain = SimpleNamespace(metadata={"train_config": {"dataset": "mp_20"}})
+    extended = SimpleNamespace(metadata={"train_config": {"dataset": "mp_20", "extra_data": "mp_36k"}})
+    assert len(novelty_reference({"wyckoff-transformer": plain, "pyxtal": SimpleNamespace()}, False)) == len(train)
+    reference = novelty_reference({"wyckoff-transformer": extended, "other": ValueError("not loaded")}, False)
+    extra = datasets.mp36k_training_rows()
+    assert len(reference) == len(train) + len(extra)
+    assert reference.contains(extra.structure(0)) and reference.contains(train.structure(0))

@@ -25,6 +25,9 @@ EVALUATE_KEYS = {"structural_validity": "struct_validity", "bond_consistency": "
 RATE_KEYS = ("sequence_validity", *EVALUATE_KEYS)  # every per-run value in [0, 1]
 
 
+WEIGHTS_HELP = "Wyckoff transformer weights folder (default: the shipped assets/models/wyckoff_transformer)"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="benchmark generators on this machine")
     actions = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
@@ -35,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="sampling temperatures (generators without one run once, under '1.0')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--symprec", type=float, default=0.1, help="spglib tolerance in Å (default 0.1)")
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--no-resample", action="store_true",
                    help="the transformer without its quality gate (no resampling of structures with sites closer "
                         "than 0.7 Å or a space group other than the sampled one): the raw model")
@@ -48,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "can be had, else CHGNet)")
     p.add_argument("--generators", default="wyckoff-transformer,pyxtal", help="comma-separated generator names")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--stability", choices=["low", "high"], default=None,
                    help="stability token to condition on, for generators that support it (the transformer)")
     p.add_argument("--max-references", type=int, default=3,
@@ -65,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--systems", default="auto",
                    help="'auto' (held-out ternary systems chosen from MP-20) or comma-separated systems, "
                         "e.g. Al-Ca-Cu,Ga-La-O")
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--budgets", default="100,500,2000", help="comma-separated sample counts to report at")
     p.add_argument("--generators", default="wyckoff-transformer,pyxtal", help="comma-separated generator names")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -85,14 +91,15 @@ def run_generate(args: argparse.Namespace) -> int:
     temperatures = _parse_temperatures(args.temperatures)
     names = _parse_names(args.generators)
     progress = sys.stderr.isatty()
+    generators = load_generators(names, raw_transformer=args.no_resample, weights=args.weights)
     try:
-        train, test_stats = load_references(args.symprec, progress)
+        train, test_stats = load_references(args.symprec, progress, generators)
     except DataUnavailableError as exc:
         raise CommandError(f"the benchmark needs MP-20 (train for novelty, test for distributions): {exc}") from None
 
     report: dict = {"machine": machine_info(), "n": args.n, "seed": args.seed, "resample": not args.no_resample,
-                    "generators": {}}
-    for name, generator in load_generators(names, raw_transformer=args.no_resample).items():
+                    "novelty_reference_size": len(train), "generators": {}}
+    for name, generator in generators.items():
         if isinstance(generator, Exception):
             report["generators"][name] = {"error": str(generator)}
             continue
@@ -105,15 +112,28 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_references(symprec: float, progress: bool):
-    """MP-20 train, indexed for novelty, and the symmetry statistics of MP-20 test for the distribution distances."""
+def load_references(symprec: float, progress: bool, generators: dict):
+    """The novelty reference (see `novelty_reference`) and the symmetry statistics of MP-20 test for the
+    distribution distances."""
     from wyckoff_lab.app.commands.evaluate import load_reference
-    from wyckoff_lab.core.datasets import load_dataset
-    from wyckoff_lab.core.metrics import ReferenceIndex
 
-    train = ReferenceIndex(load_dataset("mp_20", "train", progress=progress).structures)
+    train = novelty_reference(generators, progress)
     _, test_stats = load_reference("mp_20", "test", symprec, progress)
     return train, test_stats
+
+
+def novelty_reference(generators: dict, progress: bool):
+    """MP-20 train, plus the extra rows a loaded transformer was trained on (`--extra-data`): a structure the
+    model saw is not novel. Every generator is judged against the same reference."""
+    from wyckoff_lab.core.datasets import load_dataset, mp36k_training_rows
+    from wyckoff_lab.core.metrics import ReferenceIndex
+
+    structures = list(load_dataset("mp_20", "train", progress=progress).structures)
+    extra = {(getattr(g, "metadata", None) or {}).get("train_config", {}).get("extra_data")
+             for g in generators.values() if not isinstance(g, Exception)}
+    if "mp_36k" in extra:
+        structures += mp36k_training_rows(progress=progress).structures
+    return ReferenceIndex(structures)
 
 
 def bench_generator(generator, n: int, temperature: float, seed: int, train, test_stats, symprec: float) -> dict:
@@ -173,16 +193,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def load_generators(names: list[str], raw_transformer: bool = False) -> dict:
+def load_generators(names: list[str], raw_transformer: bool = False, weights: str | None = None) -> dict:
     """name -> Generator, or the ValueError that loading it raised (an unknown name, or weights not shipped or
-    unreadable: ModelLoadError), so that one missing generator is reported without stopping the others."""
+    unreadable: ModelLoadError), so that one missing generator is reported without stopping the others.
+    `weights` is a transformer weights folder other than the shipped one (e.g. a run's `best/`)."""
     from wyckoff_lab.core.generators import get_generator
 
     generators: dict = {}
     for name in names:
+        options = {}
+        if name == TRANSFORMER:
+            options = ({"resample": False} if raw_transformer else {}) | ({"weights": weights} if weights else {})
         try:
-            generators[name] = get_generator(name, **({"resample": False} if raw_transformer and name == TRANSFORMER
-                                                      else {}))
+            generators[name] = get_generator(name, **options)
         except ValueError as exc:
             generators[name] = exc
     return generators
@@ -229,8 +252,6 @@ def format_report(report: dict) -> str:
 
 def run_sun(args: argparse.Namespace) -> int:
     from wyckoff_lab.core.benchmarks import HullBook
-    from wyckoff_lab.core.datasets import load_dataset
-    from wyckoff_lab.core.metrics import ReferenceIndex
     from wyckoff_lab.core.paths import DataUnavailableError
     from wyckoff_lab.core.relax import PotentialError, resolve_potential
 
@@ -249,8 +270,9 @@ def run_sun(args: argparse.Namespace) -> int:
         potential = resolve_potential(args.relax, args.device)
     except PotentialError as exc:
         raise CommandError(str(exc)) from None
+    generators = load_generators(names, weights=args.weights)
     try:  # before any relaxation, so a missing dataset fails fast
-        train = ReferenceIndex(load_dataset("mp_20", "train", progress=progress).structures)
+        train = novelty_reference(generators, progress)
     except DataUnavailableError as exc:
         raise CommandError(f"S.U.N. needs MP-20 (train for novelty, all splits for hulls): {exc}") from None
 
@@ -258,8 +280,9 @@ def run_sun(args: argparse.Namespace) -> int:
     report: dict = {"machine": machine_info(), "n": args.n, "potential": potential.name,
                     "potential_identity": potential.identity, "temperature": args.temperature,
                     "stability": args.stability, "max_references": args.max_references, "seed": args.seed,
-                    "systems": None if systems == [None] else systems, "generators": {}}
-    for name, generator in load_generators(names).items():
+                    "systems": None if systems == [None] else systems, "novelty_reference_size": len(train),
+                    "generators": {}}
+    for name, generator in generators.items():
         if isinstance(generator, Exception):
             report["generators"][name] = {"error": str(generator)}
             continue
@@ -415,7 +438,7 @@ def run_recover(args: argparse.Namespace) -> int:
     if empty:
         raise CommandError(f"no MP-20 val/test structure in {', '.join(empty)}: nothing to recover")
 
-    generators = load_generators(names)
+    generators = load_generators(names, weights=args.weights)
     report: dict = {"machine": machine_info(), "budgets": budgets, "temperature": args.temperature,
                     "seed": args.seed, "relax": potential.name if potential else None,
                     "relax_steps": RECOVER_RELAX_STEPS if potential else None, "selection": selection,

@@ -8,6 +8,9 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="model_name", metavar="MODEL", required=True)
     wt = sub.add_parser("wyckoff-transformer", help="the Wyckoff transformer (Matra-Genoa)")
     wt.add_argument("--dataset", default="mp_20")
+    wt.add_argument("--extra-data", default=None, choices=["mp_36k"],
+                    help="add this set's rows to training (MP-20 held-out ids and systems left out) and label "
+                         "stability from the hull of both")
     wt.add_argument("--out", default="runs/wyckoff-transformer", help="run folder (checkpoint.pt, best/)")
     wt.add_argument("--epochs", type=int, default=60)
     wt.add_argument("--batch-size", type=int, default=128)
@@ -33,7 +36,7 @@ def _train_wyckoff_transformer(args) -> int:
     from wyckoff_lab.core.generators.wyckoff_transformer.model import WyckoffTransformerConfig
     from wyckoff_lab.core.generators.wyckoff_transformer.train import TrainConfig, train
 
-    config = TrainConfig(dataset=args.dataset, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
+    config = TrainConfig(dataset=args.dataset, extra_data=args.extra_data, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, max_minutes=args.max_minutes, device=args.device, seed=args.seed,
                          model=WyckoffTransformerConfig(d_model=args.d_model, n_layers=args.layers,
                                                         n_heads=args.heads, head=args.head))

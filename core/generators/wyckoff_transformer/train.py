@@ -33,6 +33,7 @@ class TrainConfig:
     weight_decay: float = 1e-3  # Matra-Genoa: Adam(0.9, 0.999), weight decay 1e-3, one-cycle schedule
     warmup_fraction: float = 0.05
     continuous_weight: float = 1.0
+    extra_data: str | None = None  # e.g. "mp_36k": add its rows to training and label stability from both
     max_atoms: int = 20  # primitive cell; longer crystals are left out of training (counted)
     max_minutes: float | None = None  # stop (after a checkpoint) when this much wall time has passed
     checkpoint_every_s: float = 300.0
@@ -52,29 +53,51 @@ class TrainingSet:
         return [encode(c, s, rng) for c, s in zip(self.crystals, self.stability)]
 
 
-def load_training_set(dataset_name: str, split: str, max_atoms: int, max_len: int,
-                      progress: bool = False) -> tuple[TrainingSet, dict]:
-    """Wyckoff crystals + stability tokens of a split; what was left out is counted by reason."""
-    from wyckoff_lab.core.datasets import load_dataset
+# Sets that may add rows to a dataset's training split (see `load_training_set`).
+EXTRA_TRAINING_DATA = ("mp_36k",)
+
+
+def load_training_set(dataset_name: str, split: str, max_atoms: int, max_len: int, progress: bool = False,
+                      extra_data: str | None = None, add_extra_rows: bool = False) -> tuple[TrainingSet, dict]:
+    """Wyckoff crystals + stability tokens of a split; what was left out is counted by reason.
+
+    `extra_data="mp_36k"` (MP-20 only) labels stability from the hull of MP-20 and the 36k MP set together, and
+    with `add_extra_rows` the split also gets that set's admissible rows (`datasets.mp36k_training_rows`), so the
+    stability token sees unstable phases that MP-20 leaves out.
+    """
+    from wyckoff_lab.core.datasets import load_dataset, mp20_and_36k_e_above_hull, mp36k_training_rows
     from wyckoff_lab.core.wyckoff_table import wyckoff_table
 
-    dataset = load_dataset(dataset_name, split, progress=progress)
-    table = wyckoff_table(dataset, progress=progress)
-    e_hull = dataset.frame["e_above_hull"].to_numpy(dtype=float)
+    if extra_data is not None and (extra_data not in EXTRA_TRAINING_DATA or dataset_name != "mp_20"):
+        raise ValueError(f"extra training data {extra_data!r} is not available for {dataset_name!r}; "
+                         f"MP-20 can take {', '.join(EXTRA_TRAINING_DATA)}")
+    parts = [load_dataset(dataset_name, split, progress=progress)]
+    if extra_data is not None:
+        parts[0].frame["e_above_hull"] = parts[0].frame["material_id"].map(
+            mp20_and_36k_e_above_hull(progress=progress))
+        if add_extra_rows:
+            parts.append(mp36k_training_rows(progress=progress))
     crystals, stability, skipped = [], [], Counter()
-    for crystal, e in zip(table, e_hull):
-        if isinstance(crystal, str):
-            skipped[f"wyckoff_{crystal}"] += 1
-        elif not math.isfinite(e):
-            skipped["no_e_above_hull"] += 1
-        elif crystal.num_sites // centering_factor(crystal.spacegroup) > max_atoms:
-            skipped["too_many_atoms"] += 1
-        elif len(encode(crystal, "low")) > max_len:
-            skipped["too_long"] += 1
-        else:
-            crystals.append(crystal)
-            stability.append("low" if e < STABILITY_THRESHOLD_EV else "high")
-    return TrainingSet(crystals, stability), {"rows": len(dataset), "kept": len(crystals), "skipped": dict(skipped)}
+    report = {"rows": sum(len(d) for d in parts)}
+    for dataset in parts:
+        table = wyckoff_table(dataset, progress=progress)
+        e_hull = dataset.frame["e_above_hull"].to_numpy(dtype=float)
+        kept_before = len(crystals)
+        for crystal, e in zip(table, e_hull):
+            if isinstance(crystal, str):
+                skipped[f"wyckoff_{crystal}"] += 1
+            elif not math.isfinite(e):
+                skipped["no_e_above_hull"] += 1
+            elif crystal.num_sites // centering_factor(crystal.spacegroup) > max_atoms:
+                skipped["too_many_atoms"] += 1
+            elif len(encode(crystal, "low")) > max_len:
+                skipped["too_long"] += 1
+            else:
+                crystals.append(crystal)
+                stability.append("low" if e < STABILITY_THRESHOLD_EV else "high")
+        report[f"kept_{dataset.name}_{dataset.split}"] = len(crystals) - kept_before
+    report |= {"kept": len(crystals), "high_stability_tokens": stability.count("high"), "skipped": dict(skipped)}
+    return TrainingSet(crystals, stability), report
 
 
 def collate(sequences: list[TokenSequence], device) -> tuple[torch.Tensor, ...]:
@@ -132,10 +155,11 @@ def train(config: TrainConfig, progress: bool = True, training: TrainingSet | No
     data_report = {}
     if training is None:
         training, data_report["train"] = load_training_set(config.dataset, config.train_split, config.max_atoms,
-                                                           config.model.max_len, progress)
+                                                           config.model.max_len, progress, config.extra_data,
+                                                           add_extra_rows=True)
     if validation is None:
         validation, data_report["val"] = load_training_set(config.dataset, config.val_split, config.max_atoms,
-                                                           config.model.max_len, progress)
+                                                           config.model.max_len, progress, config.extra_data)
     stats = vocabulary_statistics(training)
     val_sequences = validation.sequences(np.random.default_rng(12345))
 

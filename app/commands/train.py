@@ -36,8 +36,9 @@ def _train_wyckoff_transformer(args) -> int:
     from wyckoff_lab.core.generators.wyckoff_transformer.model import WyckoffTransformerConfig
     from wyckoff_lab.core.generators.wyckoff_transformer.train import TrainConfig, train
 
-    config = TrainConfig(dataset=args.dataset, extra_data=args.extra_data, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, max_minutes=args.max_minutes, device=args.device, seed=args.seed,
+    config = TrainConfig(dataset=args.dataset, extra_data=args.extra_data, out_dir=args.out, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, max_minutes=args.max_minutes, device=args.device,
+                         seed=args.seed,
                          model=WyckoffTransformerConfig(d_model=args.d_model, n_layers=args.layers,
                                                         n_heads=args.heads, head=args.head))
     result = train(config, progress=not args.json)

@@ -424,24 +424,36 @@ def mp20_e_above_hull(
     if table is not None:
         return e_above_hull_from_formation_energies(table, progress=progress, workers=workers)
     sources = _mp20_hull_sources()
+
+    def compute() -> pd.Series:
+        table = _mp20_formation_energies(sources)
+        return e_above_hull_from_formation_energies(table, progress=progress, workers=workers)
+
+    return _cached_hull("mp_20", sources, compute)
+
+
+def _cached_hull(name: str, sources: Sequence[Path], compute) -> pd.Series:
+    """`compute()` (E above hull by material_id), cached under `name` and the digests of `sources`."""
     key = hashlib.sha256(f"v{CACHE_VERSION}:{':'.join(file_digest(p) for p in sources)}".encode()).hexdigest()[:16]
-    path = cache_dir() / "datasets" / f"mp_20_e_above_hull_{key}.parquet"
+    path = cache_dir() / "datasets" / f"{name}_e_above_hull_{key}.parquet"
     if path.exists():
         try:
             return pd.read_parquet(path)["e_above_hull"]
         except (OSError, ValueError, KeyError):
             log.warning("hull cache %s is unreadable; recomputing it", path)
-    columns = ["material_id", "pretty_formula", "formation_energy_per_atom"]
-    table = pd.concat([pd.read_csv(p, usecols=columns) for p in sources], ignore_index=True)
-    hull = e_above_hull_from_formation_energies(
-        table.rename(columns={"pretty_formula": "formula"}), progress=progress, workers=workers
-    )
-    hull = hull.groupby(level=0).min()  # CDVAE's MP-20 repeats 2 ids across splits; map() needs unique ids
+    hull = compute().groupby(level=0).min()  # CDVAE's MP-20 repeats 2 ids across splits; map() needs unique ids
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.part")
     hull.to_frame().to_parquet(partial)
     os.replace(partial, path)
     return hull
+
+
+def _mp20_formation_energies(sources: Sequence[Path]) -> pd.DataFrame:
+    """material_id (str), formula and formation_energy_per_atom of every row of MP-20's CSV files."""
+    columns = ["material_id", "pretty_formula", "formation_energy_per_atom"]
+    table = pd.concat([pd.read_csv(p, usecols=columns) for p in sources], ignore_index=True)
+    return table.rename(columns={"pretty_formula": "formula"}).astype({"material_id": str})
 
 
 def _mp20_hull_sources() -> list[Path]:
@@ -465,30 +477,17 @@ def mp20_and_36k_e_above_hull(*, progress: bool = False, workers: int | None = N
     """
     mp20_sources = _mp20_hull_sources()
     extra_source = DATASETS["mp_36k"].source_file("all")
-    digests = ":".join(file_digest(p) for p in [*mp20_sources, extra_source])
-    key = hashlib.sha256(f"v{CACHE_VERSION}:{digests}".encode()).hexdigest()[:16]
-    path = cache_dir() / "datasets" / f"mp_20_mp_36k_e_above_hull_{key}.parquet"
-    if path.exists():
-        try:
-            return pd.read_parquet(path)["e_above_hull"]
-        except (OSError, ValueError, KeyError):
-            log.warning("hull cache %s is unreadable; recomputing it", path)
-    columns = ["material_id", "pretty_formula", "formation_energy_per_atom"]
-    mp20 = pd.concat([pd.read_csv(p, usecols=columns) for p in mp20_sources], ignore_index=True)
-    mp20 = mp20.rename(columns={"pretty_formula": "formula"})
-    mp20["material_id"] = mp20["material_id"].astype(str)
-    extra = load_dataset("mp_36k", "all", progress=progress, workers=workers).frame
-    extra = extra[["material_id", "formula", "formation_energy_per_atom"]].copy()
-    extra["formation_energy_per_atom"] = align_formation_energies(extra, mp20)
-    extra = extra[~extra["material_id"].isin(set(mp20["material_id"]))]
-    hull = e_above_hull_from_formation_energies(pd.concat([mp20, extra], ignore_index=True), progress=progress,
-                                                workers=workers)
-    hull = hull.groupby(level=0).min()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-    hull.to_frame().to_parquet(partial)
-    os.replace(partial, path)
-    return hull
+
+    def compute() -> pd.Series:
+        mp20 = _mp20_formation_energies(mp20_sources)
+        extra = load_dataset("mp_36k", "all", progress=progress, workers=workers).frame
+        extra = extra[["material_id", "formula", "formation_energy_per_atom"]].copy()
+        extra["formation_energy_per_atom"] = align_formation_energies(extra, mp20)
+        extra = extra[~extra["material_id"].isin(set(mp20["material_id"]))]
+        return e_above_hull_from_formation_energies(pd.concat([mp20, extra], ignore_index=True), progress=progress,
+                                                    workers=workers)
+
+    return _cached_hull("mp_20_mp_36k", [*mp20_sources, extra_source], compute)
 
 
 def mp36k_training_rows(*, progress: bool = False, workers: int | None = None) -> CrystalDataset:

@@ -152,7 +152,7 @@ def test_bench_generate_json(monkeypatch, capsys, mp20_test_rows):
     groups = Counter(number for _, _, number in mp20_test_rows)
     monkeypatch.setattr(pyxtal_baseline, "mp20_train_distribution", lambda: (dict(systems), dict(groups)))
     references = ReferenceIndex(structures[:100]), ReferenceStats.from_structures(structures[100:160])
-    monkeypatch.setattr(bench, "load_references", lambda symprec, progress: references)
+    monkeypatch.setattr(bench, "load_references", lambda symprec, progress, generators: references)
 
     code = main(["bench", "generate", "--n", "8", "--generators", "no-such-generator,pyxtal", "--json"])
     assert code == 0

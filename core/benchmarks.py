@@ -3,7 +3,6 @@ across generators, S.U.N. counting, held-out chemical systems of MP-20 and the r
 
 from __future__ import annotations
 
-import ast
 import math
 import sys
 import time
@@ -244,23 +243,6 @@ def sun_summary(structures: Sequence[Structure], e_above_hull: Sequence[float],
 
 
 # -- held-out chemical systems and their recovery -------------------------------------------------------------------
-
-
-def mp20_train_systems() -> set[str]:
-    """Chemical systems ("A-B-C", alphabetical) of every MP-20 train row.
-
-    The ids of `train_meta_nocoords` that have no structure in our train file count too: they are in the real
-    split, so their systems are not held out.
-    """
-    from wyckoff_lab.core.datasets import load_dataset
-    from wyckoff_lab.core.paths import find_split_file
-
-    systems = set(load_dataset("mp_20", "train").frame["chemsys"])
-    meta = find_split_file("mp_20", "train_meta_nocoords")
-    if meta is not None:
-        elements = pd.read_csv(meta, usecols=["elements"])["elements"]
-        systems |= {"-".join(sorted(ast.literal_eval(row))) for row in elements}
-    return systems
 
 
 AUTO_SELECTION_RULE = (

@@ -317,7 +317,8 @@ def sun_of_generator(generator, args: argparse.Namespace, systems: list[str | No
     shares = [args.n // len(systems) + (i < args.n % len(systems)) for i in range(len(systems))]
     samples = [sample_structures(generator, share, Conditions(elements=tuple(system.split("-")) if system else None,
                                                              stability=stability),
-                                 args.temperature, args.seed, progress, desc=f"{generator.name} sampling {system or ''}")
+                                 args.temperature, args.seed, progress,
+                                 desc=f"{generator.name} sampling {system or ''}")
                for system, share in zip(systems, shares)]
     sample = merge_samples(samples)
     results, relax_s = relax_all([c.structure for c in sample.candidates], potential, progress=progress,
@@ -403,11 +404,10 @@ def run_recover(args: argparse.Namespace) -> int:
         MAX_AUTO_SYSTEMS,
         RECOVER_RELAX_STEPS,
         known_structures,
-        mp20_train_systems,
         recovery_table,
         select_held_out_systems,
     )
-    from wyckoff_lab.core.datasets import load_dataset
+    from wyckoff_lab.core.datasets import load_dataset, mp20_train_systems
     from wyckoff_lab.core.paths import DataUnavailableError
     from wyckoff_lab.core.relax import PotentialError, resolve_potential
 

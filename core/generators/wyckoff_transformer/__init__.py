@@ -155,8 +155,9 @@ class WyckoffTransformerGenerator(Generator):
         Two ways a valid sequence can still disappoint: two sites closer than GATE_MIN_DISTANCE_A or than
         GATE_MIN_CONTACT_RATIO of their covalent radii' sum (the coordinates are drawn one orbit at a time, and a
         later orbit's images can land on an earlier one), and a space group that comes out higher than the sampled
-        one, because the sampled positions together happen to be invariant under a supergroup (e.g. R-3 with every atom on the 3-fold axes is R-3m) or a free coordinate or lattice
-        parameter landed within `symprec` of a special value. Both are resampled; a structure kept in the last
+        one, because the sampled positions together happen to be invariant under a supergroup (e.g. R-3 with every
+        atom on the 3-fold axes is R-3m) or a free coordinate or lattice parameter landed within `symprec` of a
+        special value. Both are resampled; a structure kept in the last
         round anyway carries what spglib found in `extra`.
         """
         from wyckoff_lab.core.metrics import closest_contacts

@@ -215,6 +215,9 @@ def test_generation_fills_only_its_own_session(context):
     ({"generator": "pyxtal", "n": 5, "elements": ["Ne", "Ar"]}, "charge-balanced"),
     ({"generator": "pyxtal", "n": 5, "template": [["Na", "4a"]]}, "needs a space group"),
     ({"generator": "no-such-generator", "n": 5}, "cannot be used"),
+    ({"generator": "pyxtal", "n": 5, "oversample": 3}, "no likelihood"),
+    ({"generator": "wyckoff-transformer", "n": 5, "oversample": 0}, "whole number from 1 to 20"),
+    ({"generator": "wyckoff-transformer", "n": 5, "oversample": 2.5}, "whole number from 1 to 20"),
 ])
 def test_generation_refuses_bad_input_and_keeps_candidates(context, request_kwargs, expected):
     from wyckoff_lab.widgets.jobs import GenerationRequest, JobError, run_generation
@@ -224,6 +227,18 @@ def test_generation_refuses_bad_input_and_keeps_candidates(context, request_kwar
     with pytest.raises(JobError, match=expected):
         run_generation(context, "tab", GenerationRequest(**request_kwargs))
     assert context.sessions.candidates("tab") == before
+
+
+def test_ranked_generation_leaves_the_shared_generator_alone(context):
+    """'Keep most likely 1 in K' ranks this request's samples only: the app's loaded generator is shared."""
+    from wyckoff_lab.widgets.jobs import GenerationRequest, run_generation
+
+    shared = context.generator("wyckoff-transformer")
+    summary = run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 4, elements=["Na", "Cl"],
+                                                               seed=0, oversample=3.0))
+    assert summary["n"] == len(context.sessions.candidates("tab")) == 4
+    assert context.generator("wyckoff-transformer") is shared and shared.oversample == 1
+    assert shared.ranked(3) is not shared and shared.ranked(3).model is shared.model and shared.ranked(1) is shared
 
 
 def test_cancelled_generation_and_hull_store_nothing(context):

@@ -161,8 +161,10 @@ def test_quality_gate_resamples_close_sites_and_higher_symmetry(shipped_generato
     assert sum(result.rejected.values()) > 0
     # Every attempt is kept, turned down by the gate, or failed.
     assert result.attempts == len(result.candidates) + sum(result.rejected.values()) + sum(result.failures.values())
-    kept_anyway = [c for c in result.candidates if c.extra]
+    gate_keys = {"min_distance_A", "min_contact_ratio", "detected_spacegroup"}  # what a shortfall kept records
+    kept_anyway = [c for c in result.candidates if gate_keys & set(c.extra)]
     assert len(kept_anyway) <= 2, [c.extra for c in kept_anyway]
+    assert all(set(c.extra) - gate_keys == {"nll_nats", "nll_per_token"} for c in result.candidates)
     for candidate in result.candidates:
         if {"min_distance_A", "min_contact_ratio"} & set(candidate.extra):  # kept in the last round with close
             # sites: symmetry not checked
@@ -171,7 +173,7 @@ def test_quality_gate_resamples_close_sites_and_higher_symmetry(shipped_generato
         # the gate records what spglib found, so the app's table does not run it again
         assert candidate.detected_symprec == 0.1
         assert candidate.detected_spacegroup == detected_spacegroup(candidate.structure, 0.1)
-        if candidate.extra:
+        if gate_keys & set(candidate.extra):
             continue
         structure = candidate.structure
         assert candidate.detected_spacegroup == candidate.intended_spacegroup
@@ -257,3 +259,53 @@ def test_cli_sample_writes_cifs_extxyz_and_metadata(shipped_generator, tmp_path,
         structure = Structure.from_file(cif)
         assert {el.symbol for el in structure.composition} == {"Al", "Ca", "Cu"}
         assert record["intended_spacegroup"] == 225 and record["tokens"]
+
+
+def test_sequence_nll_adds_up_to_the_training_loss(mp20_test_rows):
+    from wyckoff_lab.core.generators.wyckoff_transformer.train import collate
+
+    torch.manual_seed(0)
+    model = WyckoffTransformer(TINY).eval()
+    sequences = [encode(WyckoffCrystal.from_structure(s), "low") for _, s, _ in mp20_test_rows[:8]]
+    batch = collate(sequences, "cpu")
+    with torch.no_grad():
+        per_sequence = model.sequence_nll(*batch)
+        ce, nll = model.loss(*batch)
+    kinds, mask = batch[2][:, 1:], batch[3][:, 1:]
+    n_discrete, n_continuous = int((mask & (kinds == 0)).sum()), int((mask & (kinds > 0)).sum())
+    assert per_sequence.shape == (8,)
+    assert float(per_sequence.sum()) == pytest.approx(float(ce) * n_discrete + float(nll) * n_continuous, rel=1e-4)
+    # Padding a sequence with others of other lengths does not change its likelihood.
+    with torch.no_grad():
+        alone = model.sequence_nll(*collate(sequences[:1], "cpu"))
+    assert float(alone[0]) == pytest.approx(float(per_sequence[0]), rel=1e-4)
+
+
+def test_oversampling_keeps_the_most_likely_of_the_same_draws(shipped_generator):
+    pool = shipped_generator.generate(60, Conditions(stability="low"), temperature=1.0, seed=3).candidates
+    ranked = get_generator("wyckoff-transformer", device="cpu", oversample=3).generate(
+        20, Conditions(stability="low"), temperature=1.0, seed=3).candidates
+    assert len(pool) == 60 and len(ranked) == 20
+    nll = np.array([c.extra["nll_per_token"] for c in pool])
+    best = np.sort(np.argsort(nll, kind="stable")[:20])
+    # The same seed draws the same 60 crystals; oversampling keeps the 20 most likely per token, in sampling order.
+    assert [c.tokens for c in ranked] == [pool[i].tokens for i in best]
+    assert max(c.extra["nll_per_token"] for c in ranked) <= np.sort(nll)[20]
+    for c in pool:  # the mean is over every predicted token (all but the first)
+        assert c.extra["nll_per_token"] == pytest.approx(c.extra["nll_nats"] / (len(c.tokens) - 1), abs=1e-3)
+    with pytest.raises(ValueError, match="oversample"):
+        get_generator("wyckoff-transformer", device="cpu", oversample=0)
+
+
+def test_cli_sample_ranking_options_belong_to_the_transformer(shipped_generator, tmp_path, capsys):
+    import json
+
+    from wyckoff_lab.app.cli import main
+
+    assert main(["sample", "--n", "5", "--oversample", "2", "--top-p", "0.95", "--seed", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["structures"] == 5 and summary["options"] == {"top_p": 0.95, "oversample": 2}
+    assert main(["sample", "--generator", "pyxtal", "--n", "2", "--oversample", "2"]) != 0
+    assert "options of wyckoff-transformer" in capsys.readouterr().err
+    assert main(["sample", "--n", "2", "--top-p", "1.5"]) != 0
+    assert "top_p" in capsys.readouterr().err

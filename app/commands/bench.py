@@ -26,6 +26,8 @@ RATE_KEYS = ("sequence_validity", *EVALUATE_KEYS)  # every per-run value in [0, 
 
 
 WEIGHTS_HELP = "Wyckoff transformer weights folder (default: the shipped assets/models/wyckoff_transformer)"
+OVERSAMPLE_HELP = ("the transformer draws K times the structures asked for and keeps those the model finds most "
+                   "likely per token (default 1: no ranking)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--symprec", type=float, default=0.1, help="spglib tolerance in Å (default 0.1)")
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    p.add_argument("--oversample", type=int, default=1, metavar="K", help=OVERSAMPLE_HELP)
     p.add_argument("--no-resample", action="store_true",
                    help="the transformer without its quality gate (no resampling of structures with sites closer "
                         "than 0.7 Å or a space group other than the sampled one): the raw model")
@@ -53,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--generators", default="wyckoff-transformer,pyxtal", help="comma-separated generator names")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    p.add_argument("--oversample", type=int, default=1, metavar="K", help=OVERSAMPLE_HELP)
     p.add_argument("--stability", choices=["low", "high"], default=None,
                    help="stability token to condition on, for generators that support it (the transformer)")
     p.add_argument("--max-references", type=int, default=3,
@@ -71,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="'auto' (held-out ternary systems chosen from MP-20) or comma-separated systems, "
                         "e.g. Al-Ca-Cu,Ga-La-O")
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    p.add_argument("--oversample", type=int, default=1, metavar="K", help=OVERSAMPLE_HELP)
     p.add_argument("--budgets", default="100,500,2000", help="comma-separated sample counts to report at")
     p.add_argument("--generators", default="wyckoff-transformer,pyxtal", help="comma-separated generator names")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -91,13 +96,15 @@ def run_generate(args: argparse.Namespace) -> int:
     temperatures = _parse_temperatures(args.temperatures)
     names = _parse_names(args.generators)
     progress = sys.stderr.isatty()
-    generators = load_generators(names, raw_transformer=args.no_resample, weights=args.weights)
+    generators = load_generators(names, raw_transformer=args.no_resample, weights=args.weights,
+                                 oversample=args.oversample)
     try:
         train, test_stats = load_references(args.symprec, progress, generators)
     except DataUnavailableError as exc:
         raise CommandError(f"the benchmark needs MP-20 (train for novelty, test for distributions): {exc}") from None
 
     report: dict = {"machine": machine_info(), "n": args.n, "seed": args.seed, "resample": not args.no_resample,
+                    "oversample": args.oversample,
                     "novelty_reference_size": len(train), "generators": {}}
     for name, generator in generators.items():
         if isinstance(generator, Exception):
@@ -193,17 +200,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def load_generators(names: list[str], raw_transformer: bool = False, weights: str | None = None) -> dict:
+def load_generators(names: list[str], raw_transformer: bool = False, weights: str | None = None,
+                    oversample: int = 1) -> dict:
     """name -> Generator, or the ValueError that loading it raised (an unknown name, or weights not shipped or
     unreadable: ModelLoadError), so that one missing generator is reported without stopping the others.
-    `weights` is a transformer weights folder other than the shipped one (e.g. a run's `best/`)."""
+    `weights` is a transformer weights folder other than the shipped one (e.g. a run's `best/`); `oversample` its
+    likelihood ranking (see WyckoffTransformerGenerator)."""
     from wyckoff_lab.core.generators import get_generator
 
+    if oversample < 1:
+        raise CommandError(f"--oversample must be at least 1, got {oversample}")
     generators: dict = {}
     for name in names:
         options = {}
         if name == TRANSFORMER:
-            options = ({"resample": False} if raw_transformer else {}) | ({"weights": weights} if weights else {})
+            options = (({"resample": False} if raw_transformer else {}) | ({"weights": weights} if weights else {})
+                       | ({"oversample": oversample} if oversample > 1 else {}))
         try:
             generators[name] = get_generator(name, **options)
         except ValueError as exc:
@@ -270,7 +282,7 @@ def run_sun(args: argparse.Namespace) -> int:
         potential = resolve_potential(args.relax, args.device)
     except PotentialError as exc:
         raise CommandError(str(exc)) from None
-    generators = load_generators(names, weights=args.weights)
+    generators = load_generators(names, weights=args.weights, oversample=args.oversample)
     try:  # before any relaxation, so a missing dataset fails fast
         train = novelty_reference(generators, progress)
     except DataUnavailableError as exc:
@@ -279,7 +291,8 @@ def run_sun(args: argparse.Namespace) -> int:
     book = HullBook(potential, args.max_references or None)
     report: dict = {"machine": machine_info(), "n": args.n, "potential": potential.name,
                     "potential_identity": potential.identity, "temperature": args.temperature,
-                    "stability": args.stability, "max_references": args.max_references, "seed": args.seed,
+                    "stability": args.stability, "oversample": args.oversample,
+                    "max_references": args.max_references, "seed": args.seed,
                     "systems": None if systems == [None] else systems, "novelty_reference_size": len(train),
                     "generators": {}}
     for name, generator in generators.items():
@@ -438,7 +451,7 @@ def run_recover(args: argparse.Namespace) -> int:
     if empty:
         raise CommandError(f"no MP-20 val/test structure in {', '.join(empty)}: nothing to recover")
 
-    generators = load_generators(names, weights=args.weights)
+    generators = load_generators(names, weights=args.weights, oversample=args.oversample)
     report: dict = {"machine": machine_info(), "budgets": budgets, "temperature": args.temperature,
                     "seed": args.seed, "relax": potential.name if potential else None,
                     "relax_steps": RECOVER_RELAX_STEPS if potential else None, "selection": selection,

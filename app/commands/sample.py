@@ -14,6 +14,12 @@ def register(subparsers) -> None:
     parser.add_argument("--stability", choices=["low", "high"], default=None)
     parser.add_argument("--max-atoms", type=int, default=None, help="atoms in the primitive cell")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling: keep the smallest set of tokens reaching this probability "
+                             "(wyckoff-transformer; default 1.0, off)")
+    parser.add_argument("--oversample", type=int, default=None, metavar="K",
+                        help="draw K times --n structures and keep those the model finds most likely per token "
+                             "(wyckoff-transformer; default 1)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--out", default=None, help="folder for CIFs, candidates.extxyz and candidates.json")
     parser.add_argument("--json", action="store_true")
@@ -38,7 +44,7 @@ def _sample(args) -> int:
 
     from tqdm import tqdm
 
-    from wyckoff_lab.app.cli import emit
+    from wyckoff_lab.app.cli import CommandError, emit
     from wyckoff_lab.core.generators import Conditions, get_generator
     from wyckoff_lab.core.structures import write_candidates
 
@@ -46,7 +52,11 @@ def _sample(args) -> int:
         elements=tuple(e.strip() for e in args.elements.split(",")) if args.elements else None,
         formula=args.formula, spacegroup=args.spacegroup, template=parse_template(args.template),
         stability=args.stability, max_atoms=args.max_atoms)
-    generator = get_generator(args.generator)
+    options = {key: value for key, value in (("top_p", args.top_p), ("oversample", args.oversample))
+               if value is not None}
+    if options and args.generator != "wyckoff-transformer":
+        raise CommandError(f"--top-p and --oversample are options of wyckoff-transformer, not {args.generator}")
+    generator = get_generator(args.generator, **options)
     bar = tqdm(total=args.n, disable=args.json, desc=f"sampling {args.generator}", unit="crystal")
 
     def progress(done, total):
@@ -61,6 +71,7 @@ def _sample(args) -> int:
                "attempts": result.attempts, "failures": result.failures, "resampled": result.rejected,
                "seconds": round(result.seconds, 3),
                "conditions": conditions.as_dict(), "temperature": args.temperature, "seed": args.seed,
+               "options": options,
                "top_spacegroups": dict(spacegroups.most_common(10)), "out": written}
     text = (f"{len(result.candidates)}/{args.n} structures from {args.generator} in {result.seconds:.2f} s"
             + (f"; written to {written}" if written else "")

@@ -171,6 +171,15 @@ class Generator(abc.ABC):
     uses_temperature: ClassVar[bool] = True
     # Samples are independent CPU work (no batched model), so a request may be split over forked processes.
     parallel_safe: ClassVar[bool] = False
+    # The generator has a likelihood to rank its own samples by (see `ranked`).
+    ranks_by_likelihood: ClassVar[bool] = False
+
+    def ranked(self, oversample: int) -> Generator:
+        """This generator drawing `oversample` times the structures asked for and keeping the most likely ones,
+        as a new object sharing the loaded model (so concurrent requests with other settings do not interfere)."""
+        if oversample == 1:
+            return self
+        raise UnsupportedConditionError(f"generator {self.name!r} has no likelihood to rank its samples by")
 
     def check_conditions(self, conditions: Conditions) -> None:
         """Refuse, with a clear message, any condition this generator cannot honour."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -80,20 +81,45 @@ class WyckoffTransformerGenerator(Generator):
     name = "wyckoff-transformer"
     description = "Autoregressive transformer over Wyckoff positions and free coordinates (Matra-Genoa)"
     supported_conditions = frozenset({"elements", "formula", "spacegroup", "template", "stability", "max_atoms"})
+    ranks_by_likelihood = True
 
     def __init__(self, weights: str | Path | None = None, device=None, top_p: float = 1.0, batch_size: int = 256,
-                 resample: bool = True, symprec: float = GATE_SYMPREC):
+                 resample: bool = True, symprec: float = GATE_SYMPREC, oversample: int = 1):
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.model, self.metadata = load_model(weights, device)
         self.top_p = top_p
+        self.oversample = self._checked_oversample(oversample)
         self.batch_size = batch_size
         self.resample = resample
         self.symprec = symprec
         self.seen_elements = sorted(self.metadata.get("element_counts", {}))
         self.seen_spacegroups = sorted(int(k) for k in self.metadata.get("spacegroup_counts", {}))
 
+    def ranked(self, oversample: int) -> WyckoffTransformerGenerator:
+        oversample = self._checked_oversample(oversample)
+        if oversample == self.oversample:
+            return self
+        other = copy.copy(self)  # shares the model and metadata
+        other.oversample = oversample
+        return other
+
+    def _checked_oversample(self, oversample) -> int:
+        if int(oversample) != oversample or oversample < 1:
+            raise ValueError(f"oversample must be a whole number >= 1, got {oversample}")
+        if oversample > 1 and self.model.config.head != "mixture":
+            raise ValueError("oversample ranks samples by likelihood, which the MSE head does not define")
+        return int(oversample)
+
     def _generate(self, n, conditions: Conditions, temperature, seed, progress) -> GenerationResult:
         """Sample `n` sequences and decode them; with `resample`, what fails or misses the quality gate (see
-        `_gate`) is sampled again, RESAMPLE_ROUNDS times at most, and the last round keeps what it gets."""
+        `_gate`) is sampled again, RESAMPLE_ROUNDS times at most, and the last round keeps what it gets.
+
+        Every candidate's `extra` holds -log p of its sequence under the model (`sequence_nlls`), in total
+        (`nll_nats`) and per predicted token (`nll_per_token`). With `oversample` k > 1, k * n structures are made
+        and the n most likely per token kept (in sampling order): the model's confidence ranks the samples by how
+        close to the hull they relax (see the README).
+        """
         from wyckoff_lab.core.generators.wyckoff_transformer.decoding import DecodingPlan
         from wyckoff_lab.core.generators.wyckoff_transformer.sampling import sample_sequences
         from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import decode
@@ -106,8 +132,9 @@ class WyckoffTransformerGenerator(Generator):
         failures, rejected = Counter(), Counter()
         attempts = 0
         rounds = RESAMPLE_ROUNDS if self.resample else 1
+        target = n * self.oversample
         for round_ in range(rounds):
-            wanted = n - len(kept)
+            wanted = target - len(kept)
             if wanted <= 0:
                 break
             last = round_ == rounds - 1
@@ -116,7 +143,7 @@ class WyckoffTransformerGenerator(Generator):
 
             def report(done: int, total: int, have: int = len(kept)) -> None:
                 if progress:
-                    progress(min(n, have + done), n)
+                    progress(min(n, (have + done) // self.oversample), n)
 
             states = sample_sequences(self.model, plan, wanted, temperature, self.top_p, round_seed,
                                       self.batch_size, report)
@@ -141,12 +168,35 @@ class WyckoffTransformerGenerator(Generator):
                     rejected[problem] += 1
                     continue
                 kept.append((structure, crystal, sequence, extra, found))
+        kept = self._rank(kept, n)
         per_candidate = (time.perf_counter() - start) / max(1, len(kept))
         candidates = [Candidate(structure, self.name, conditions, crystal.spacegroup, crystal.as_dict(),
                                 sequence.as_strings(), per_candidate, seed, extra, found,
                                 None if found is None else self.symprec)
                       for structure, crystal, sequence, extra, found in kept]
         return GenerationResult(candidates, attempts=attempts, failures=dict(failures), rejected=dict(rejected))
+
+    def _rank(self, kept: list[tuple], n: int) -> list[tuple]:
+        """Record each sequence's NLL (nats, total and per predicted token) in its `extra`; keep the n with the
+        lowest NLL per token of an oversampled batch.
+
+        Per token, not in total: the total favours short sequences, so within a chemical system it keeps one-formula-
+        unit cells of odd stoichiometry (BaTiO6 in Pm-3m) and repeats them; per token it ranks how sure the model
+        was of each choice, whatever the cell's size (measured in the README's S.U.N. section)."""
+        if not kept or self.model.config.head != "mixture":
+            return kept
+        from wyckoff_lab.core.generators.wyckoff_transformer.sampling import sequence_nlls
+
+        sequences = [sequence for _, _, sequence, _, _ in kept]
+        nll = sequence_nlls(self.model, sequences, self.batch_size)
+        per_token = nll / np.array([len(sequence) - 1 for sequence in sequences])
+        kept = [(s, c, q, {**extra, "nll_nats": round(float(total), 3), "nll_per_token": round(float(mean), 4)}, f)
+                for (s, c, q, extra, f), total, mean in zip(kept, nll, per_token)]
+        if len(kept) <= n:
+            return kept
+        # A NaN (never seen so far) ranks last rather than poisoning the order.
+        best = np.sort(np.argsort(np.nan_to_num(per_token, nan=np.inf), kind="stable")[:n])
+        return [kept[i] for i in best]
 
     def _gate(self, structure, sampled_spacegroup: int) -> tuple[str | None, dict, int | None]:
         """Why a decoded structure is not what was asked for (None if it is), what a kept one should carry in

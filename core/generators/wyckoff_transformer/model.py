@@ -208,6 +208,26 @@ class WyckoffTransformer(nn.Module):
         nll = continuous_nll(params, target_values[continuous], target_kinds[continuous], self.config)
         return ce, nll
 
+    def sequence_nll(self, tokens, values, kinds, pad_mask) -> torch.Tensor:
+        """Per sequence (B,): -log p of its discrete tokens and continuous values under the model at T = 1, in
+        nats, without the constrained-decoding masks. Sums over positions, so a longer crystal costs more: it is
+        the likelihood of the whole crystal, which is what ranking samples needs. Mixture head only (the MSE head
+        has no density)."""
+        if self.config.head != "mixture":
+            raise ValueError("sequence likelihoods need the mixture head; the MSE head predicts points")
+        hidden = self(tokens[:, :-1], values[:, :-1], kinds[:, :-1])
+        target_tokens, target_values, target_kinds = tokens[:, 1:], values[:, 1:], kinds[:, 1:]
+        valid = pad_mask[:, 1:]
+        nll = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+        discrete = valid & (target_kinds == 0)
+        log_probs = F.log_softmax(self.discrete_logits(hidden[discrete]).float(), dim=-1)
+        nll[discrete] = -log_probs.gather(1, target_tokens[discrete][:, None])[:, 0].to(nll.dtype)
+        continuous = valid & (target_kinds > 0)
+        params = self.continuous_params(hidden[continuous], target_kinds[continuous]).float()
+        nll[continuous] = -continuous_log_prob(params, target_values[continuous], target_kinds[continuous],
+                                               self.config).to(nll.dtype)
+        return nll.sum(dim=1)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Continuous distributions
@@ -228,13 +248,21 @@ def _target(values, kinds):
 
 
 def continuous_nll(params, values, kinds, config) -> torch.Tensor:
-    y = _target(values, kinds)
-    is_coord = kinds <= COORD_KINDS[-1]
+    """The continuous head's training loss: mean negative log density (mixture head) or point error (MSE head)."""
     if config.head == "mse":
         # Point regression; coordinates compared on the circle (periodic), others directly.
+        y = _target(values, kinds)
+        is_coord = kinds <= COORD_KINDS[-1]
         pred = params[:, 0]
         coord_err = 1 - torch.cos(y - 2 * math.pi * torch.sigmoid(pred))
         return torch.where(is_coord, coord_err, (y - pred) ** 2).mean()
+    return -continuous_log_prob(params, values, kinds, config).mean()
+
+
+def continuous_log_prob(params, values, kinds, config) -> torch.Tensor:
+    """Per value: log density of the mixture head, in the variable `_target` models each kind in."""
+    y = _target(values, kinds)
+    is_coord = kinds <= COORD_KINDS[-1]
     logit_w, mu, scale = _split_mixture(params, config)
     log_w = F.log_softmax(logit_w, dim=-1)
     yk = y.unsqueeze(-1)
@@ -244,7 +272,7 @@ def continuous_nll(params, values, kinds, config) -> torch.Tensor:
     sigma = F.softplus(scale) + 1e-3
     log_gauss = -0.5 * ((yk - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
     log_p = torch.where(is_coord.unsqueeze(-1), log_vm, log_gauss)
-    return -torch.logsumexp(log_w + log_p, dim=-1).mean()
+    return torch.logsumexp(log_w + log_p, dim=-1)
 
 
 def sample_continuous(params, kinds, config, temperature: float, generator=None) -> torch.Tensor:

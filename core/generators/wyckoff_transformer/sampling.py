@@ -110,3 +110,19 @@ def _draw_separated(states, rows, params, kinds, config, temperature, generator,
         accepted = next((v for v, d in zip(options, separations) if d >= threshold), None)
         drawn[r] = accepted if accepted is not None else options[int(np.argmax(separations))]
     return drawn
+
+
+@torch.no_grad()
+def sequence_nlls(model: WyckoffTransformer, sequences, batch_size: int = 256) -> np.ndarray:
+    """-log p (nats, T = 1, no decoding masks) of each complete sequence under the model: see
+    `WyckoffTransformer.sequence_nll`. Sequences of similar length share a batch, so padding stays small."""
+    from wyckoff_lab.core.generators.wyckoff_transformer.train import collate
+
+    model.eval()
+    device = next(model.parameters()).device
+    order = np.argsort([len(s) for s in sequences], kind="stable")
+    nll = np.empty(len(sequences))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        nll[rows] = model.sequence_nll(*collate([sequences[i] for i in rows], device)).cpu().numpy()
+    return nll

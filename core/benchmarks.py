@@ -79,7 +79,8 @@ def sample_structures(generator: Generator, n: int, conditions: Conditions, temp
     failures: Counter = Counter()
     attempts, seconds, round_ = 0, 0.0, 0
     bar = _bar(n, desc, "crystal", progress)
-    while len(candidates) < n and attempts < ATTEMPTS_PER_STRUCTURE * n:
+    spent = 0  # attempts against the budget: what likelihood ranking leaves out was made on purpose
+    while len(candidates) < n and spent < ATTEMPTS_PER_STRUCTURE * n:
         def report(done: int, total: int, have: int = len(candidates)) -> None:
             bar.n = min(n, have + done)
             bar.refresh()
@@ -89,6 +90,7 @@ def sample_structures(generator: Generator, n: int, conditions: Conditions, temp
         candidates += result.candidates
         failures.update(result.failures)
         attempts += result.attempts
+        spent += result.attempts - result.ranked_out
         seconds += result.seconds
         round_ += 1
         if not result.candidates:

@@ -233,10 +233,15 @@ def test_ranked_generation_leaves_the_shared_generator_alone(context):
     """'Keep most likely 1 in K' ranks this request's samples only: the app's loaded generator is shared."""
     from wyckoff_lab.widgets.jobs import GenerationRequest, run_generation
 
+    from wyckoff_lab.widgets.jobs import generation_message
+
     shared = context.generator("wyckoff-transformer")
     summary = run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 4, elements=["Na", "Cl"],
                                                                seed=0, oversample=3.0))
-    assert summary["n"] == len(context.sessions.candidates("tab")) == 4
+    assert summary["n"] == len(context.sessions.candidates("tab")) == 4 and summary["ranked_out"] == 8
+    assert context.sessions.get("tab", "generation")["oversample"] == 3
+    text = generation_message(summary, "wyckoff-transformer")
+    assert "the most likely 4 of 12" in text and "attempts failed" not in text, text
     assert context.generator("wyckoff-transformer") is shared and shared.oversample == 1
     assert shared.ranked(3) is not shared and shared.ranked(3).model is shared.model and shared.ranked(1) is shared
 

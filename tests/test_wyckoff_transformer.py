@@ -305,6 +305,8 @@ def test_cli_sample_ranking_options_belong_to_the_transformer(shipped_generator,
     assert main(["sample", "--n", "5", "--oversample", "2", "--top-p", "0.95", "--seed", "1", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["structures"] == 5 and summary["options"] == {"top_p": 0.95, "oversample": 2}
+    assert summary["ranked_out"] == 5
+    assert summary["attempts"] == 10 + sum(summary["resampled"].values()) + sum(summary["failures"].values())
     assert main(["sample", "--generator", "pyxtal", "--n", "2", "--oversample", "2"]) != 0
     assert "options of wyckoff-transformer" in capsys.readouterr().err
     assert main(["sample", "--n", "2", "--top-p", "1.5"]) != 0

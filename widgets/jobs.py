@@ -192,7 +192,8 @@ def generate_in_workers(generator, n: int, conditions, temperature: float, seed:
             process.join(timeout=1)
             if process.is_alive():
                 process.kill()
-    merged = GenerationResult([c for r in results for c in r.candidates], attempts=sum(r.attempts for r in results))
+    merged = GenerationResult([c for r in results for c in r.candidates], attempts=sum(r.attempts for r in results),
+                              ranked_out=sum(r.ranked_out for r in results))
     for r in results:
         for mine, theirs in ((merged.failures, r.failures), (merged.rejected, getattr(r, "rejected", {}) or {})):
             for key, count in theirs.items():
@@ -257,9 +258,11 @@ def run_generation(context: LabContext, session: str, request: GenerationRequest
         raise stop
     context.sessions.set(session, "generation", {"generator": request.generator, "conditions": conditions.as_dict(),
                                                  "seconds": result.seconds, "attempts": result.attempts,
-                                                 "failures": result.failures})
+                                                 "failures": result.failures,
+                                                 "oversample": getattr(generator, "oversample", 1)})
     return {"n": len(records), "attempts": result.attempts, "failures": result.failures,
-            "rejected": dict(getattr(result, "rejected", None) or {}), "seconds": result.seconds,
+            "rejected": dict(getattr(result, "rejected", None) or {}), "ranked_out": result.ranked_out,
+            "seconds": result.seconds,
             "check_seconds": time.perf_counter() - t0,
             "valid": sum(r["struct_valid"] and r["comp_valid"] for r in records),
             "novel": sum(bool(r["novel"]) for r in records), "first": records[0]["id"],
@@ -274,7 +277,10 @@ def generation_message(summary: dict, generator: str) -> str:
     if rejected:
         reasons = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rejected.items())
         text += f" · {sum(rejected.values())} sampled again by the quality gate ({reasons})"
-    failed = summary["attempts"] - summary["n"] - sum(rejected.values())
+    ranked_out = summary.get("ranked_out", 0)
+    if ranked_out:
+        text += f" · the most likely {summary['n']} of {summary['n'] + ranked_out}"
+    failed = summary["attempts"] - summary["n"] - sum(rejected.values()) - ranked_out
     if failed > 0:
         reasons = ", ".join(f"{k} {v}" for k, v in summary["failures"].items()) or "no reason given"
         text += f" · {failed} attempts failed ({reasons})"

@@ -170,7 +170,7 @@ def bench_generator(generator, n: int, temperature: float, seed: int, train, tes
     for key, source in EVALUATE_KEYS.items():
         row[key] = None if metrics[source] is None else round(metrics[source], 4)
     return row | {"structures": len(structures), "attempts": result.attempts, "seconds": round(seconds, 2),
-                  "failures": result.failures, "rejected": result.rejected,
+                  "failures": result.failures, "rejected": result.rejected, "ranked_out": result.ranked_out,
                   "rejection_rate": round(sum(result.rejected.values()) / result.attempts, 4)}
 
 

@@ -69,6 +69,7 @@ def _sample(args) -> int:
     spacegroups = Counter(c.intended_spacegroup for c in result.candidates)
     summary = {"generator": args.generator, "requested": args.n, "structures": len(result.candidates),
                "attempts": result.attempts, "failures": result.failures, "resampled": result.rejected,
+               "ranked_out": result.ranked_out,
                "seconds": round(result.seconds, 3),
                "conditions": conditions.as_dict(), "temperature": args.temperature, "seed": args.seed,
                "options": options,

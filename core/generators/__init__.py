@@ -150,6 +150,7 @@ class GenerationResult:
     `failures`: attempts that gave no structure (e.g. a decoding dead end). `rejected`: attempts that gave a
     structure the generator's own quality gate turned down and sampled again (e.g. its space group came out
     higher than the one sampled); they are counted in `attempts` but are not failures of the sequence model.
+    `ranked_out`: structures made and then left out by likelihood ranking (`Generator.ranked`), also in `attempts`.
     """
 
     candidates: list[Candidate]
@@ -157,6 +158,7 @@ class GenerationResult:
     failures: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     rejected: dict[str, int] = field(default_factory=dict)
+    ranked_out: int = 0
 
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)

@@ -168,13 +168,15 @@ class WyckoffTransformerGenerator(Generator):
                     rejected[problem] += 1
                     continue
                 kept.append((structure, crystal, sequence, extra, found))
+        made = len(kept)
         kept = self._rank(kept, n)
         per_candidate = (time.perf_counter() - start) / max(1, len(kept))
         candidates = [Candidate(structure, self.name, conditions, crystal.spacegroup, crystal.as_dict(),
                                 sequence.as_strings(), per_candidate, seed, extra, found,
                                 None if found is None else self.symprec)
                       for structure, crystal, sequence, extra, found in kept]
-        return GenerationResult(candidates, attempts=attempts, failures=dict(failures), rejected=dict(rejected))
+        return GenerationResult(candidates, attempts=attempts, failures=dict(failures), rejected=dict(rejected),
+                                ranked_out=made - len(kept))
 
     def _rank(self, kept: list[tuple], n: int) -> list[tuple]:
         """Record each sequence's NLL (nats, total and per predicted token) in its `extra`; keep the n with the

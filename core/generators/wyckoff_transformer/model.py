@@ -210,9 +210,9 @@ class WyckoffTransformer(nn.Module):
 
     def sequence_nll(self, tokens, values, kinds, pad_mask) -> torch.Tensor:
         """Per sequence (B,): -log p of its discrete tokens and continuous values under the model at T = 1, in
-        nats, without the constrained-decoding masks. Sums over positions, so a longer crystal costs more: it is
-        the likelihood of the whole crystal, which is what ranking samples needs. Mixture head only (the MSE head
-        has no density)."""
+        nats, without the constrained-decoding masks: the likelihood of the whole crystal, so a longer one costs
+        more (divided by the predicted positions, it is the per-token mean that likelihood ranking uses). Mixture
+        head only (the MSE head has no density)."""
         if self.config.head != "mixture":
             raise ValueError("sequence likelihoods need the mixture head; the MSE head predicts points")
         hidden = self(tokens[:, :-1], values[:, :-1], kinds[:, :-1])

@@ -311,3 +311,17 @@ def test_cli_sample_ranking_options_belong_to_the_transformer(shipped_generator,
     assert "options of wyckoff-transformer" in capsys.readouterr().err
     assert main(["sample", "--n", "2", "--top-p", "1.5"]) != 0
     assert "top_p" in capsys.readouterr().err
+
+
+def test_ranking_takes_one_crystal_per_wyckoff_template_first():
+    from wyckoff_lab.core.generators.wyckoff_transformer import _most_likely_distinct, wyckoff_template_key
+
+    wurtzite = WyckoffCrystal.from_orbits(186, [3.25, 3.25, 5.2, 90, 90, 120],
+                                          [("Zn", "2b", [0.0]), ("O", "2b", [0.382])])
+    stretched = WyckoffCrystal.from_orbits(186, [3.3, 3.3, 5.4, 90, 90, 120],
+                                           [("O", "2b", [0.375]), ("Zn", "2b", [0.0])])  # same template, other order
+    rocksalt = WyckoffCrystal.from_orbits(225, [4.3] * 3 + [90] * 3, [("Zn", "4a", []), ("O", "4b", [])])
+    assert wyckoff_template_key(wurtzite) == wyckoff_template_key(stretched) != wyckoff_template_key(rocksalt)
+    crystals = [wurtzite, stretched, rocksalt]
+    assert _most_likely_distinct([0, 1, 2], crystals, 2) == [0, 2]  # the second wurtzite waits its turn
+    assert _most_likely_distinct([1, 0, 2], crystals, 3) == [1, 2, 0]  # ... and fills up when templates run out

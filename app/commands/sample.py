@@ -52,11 +52,13 @@ def _sample(args) -> int:
         elements=tuple(e.strip() for e in args.elements.split(",")) if args.elements else None,
         formula=args.formula, spacegroup=args.spacegroup, template=parse_template(args.template),
         stability=args.stability, max_atoms=args.max_atoms)
+    if args.top_p is not None and args.generator != "wyckoff-transformer":
+        raise CommandError(f"--top-p is an option of wyckoff-transformer, not {args.generator}")
+    generator = get_generator(args.generator, **({"top_p": args.top_p} if args.top_p is not None else {}))
+    if args.oversample is not None:
+        generator = generator.ranked(args.oversample)  # refused by generators without a likelihood
     options = {key: value for key, value in (("top_p", args.top_p), ("oversample", args.oversample))
                if value is not None}
-    if options and args.generator != "wyckoff-transformer":
-        raise CommandError(f"--top-p and --oversample are options of wyckoff-transformer, not {args.generator}")
-    generator = get_generator(args.generator, **options)
     bar = tqdm(total=args.n, disable=args.json, desc=f"sampling {args.generator}", unit="crystal")
 
     def progress(done, total):

@@ -167,7 +167,7 @@ class GeneratePanel(Widget):
                 spacegroup=symmetry.get("spacegroup"), template=symmetry.get("template"),
                 temperature=temperature or 1.0, seed=None if seed in (None, "") else int(seed),
                 stability=stability or None,
-                oversample=1 if oversample_disabled or oversample in (None, "") else oversample)
+                oversample=1 if oversample_disabled else oversample)
             sid = (session or {}).get("sid")
             try:
                 summary = run_generation(context, sid, request,

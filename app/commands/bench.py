@@ -204,8 +204,8 @@ def load_generators(names: list[str], raw_transformer: bool = False, weights: st
                     oversample: int = 1) -> dict:
     """name -> Generator, or the ValueError that loading it raised (an unknown name, or weights not shipped or
     unreadable: ModelLoadError), so that one missing generator is reported without stopping the others.
-    `weights` is a transformer weights folder other than the shipped one (e.g. a run's `best/`); `oversample` its
-    likelihood ranking (see WyckoffTransformerGenerator)."""
+    `weights` is a transformer weights folder other than the shipped one (e.g. a run's `best/`); `oversample` the
+    likelihood ranking (`Generator.ranked`) of every generator that has one; the others run as they are."""
     from wyckoff_lab.core.generators import get_generator
 
     if oversample < 1:
@@ -214,10 +214,10 @@ def load_generators(names: list[str], raw_transformer: bool = False, weights: st
     for name in names:
         options = {}
         if name == TRANSFORMER:
-            options = (({"resample": False} if raw_transformer else {}) | ({"weights": weights} if weights else {})
-                       | ({"oversample": oversample} if oversample > 1 else {}))
+            options = ({"resample": False} if raw_transformer else {}) | ({"weights": weights} if weights else {})
         try:
-            generators[name] = get_generator(name, **options)
+            generator = get_generator(name, **options)
+            generators[name] = generator.ranked(oversample) if generator.ranks_by_likelihood else generator
         except ValueError as exc:
             generators[name] = exc
     return generators

@@ -166,3 +166,31 @@ def test_bench_generate_json(monkeypatch, capsys, mp20_test_rows):
     for key in bench.RATE_KEYS:
         assert 0.0 <= row[key] <= 1.0, key
     assert row["structures"] + sum(row["failures"].values()) == row["attempts"]
+
+
+def test_train_distribution_follows_the_data_folder(tmp_path, monkeypatch):
+    """The counts are cached per data folder: a process that points WYCKOFF_LAB_DATA elsewhere (the test suite
+    does, fixture by fixture) must not keep drawing from the first folder's MP-20 train."""
+    import os
+    from pathlib import Path
+
+    import pandas as pd
+
+    from wyckoff_lab.core import paths
+
+    root = Path(os.environ.get(paths.DATA_ENV) or "/nonexistent")
+    if not (root / "mp_20" / "train_meta_nocoords.csv.gz").is_file():
+        pytest.skip(f"{paths.DATA_ENV} is not set or has no MP-20 train (the README says how to get it)")
+    counts = []
+    for name, rows in (("first", slice(0, 12)), ("second", slice(12, 30))):
+        folder = tmp_path / name / "mp_20"
+        folder.mkdir(parents=True)
+        for split in ("train", "train_meta_nocoords"):
+            pd.read_csv(root / "mp_20" / f"{split}.csv.gz", nrows=30).iloc[rows].to_csv(
+                folder / f"{split}.csv.gz", index=False)
+        for split in ("val", "test"):  # the stability labels need a hull over every split
+            pd.read_csv(root / "mp_20" / f"{split}.csv.gz", nrows=5).to_csv(folder / f"{split}.csv.gz", index=False)
+        monkeypatch.setenv(paths.DATA_ENV, str(tmp_path / name))
+        systems, groups = pyxtal_baseline.mp20_train_distribution()
+        counts.append((sum(systems.values()), sum(groups.values())))
+    assert counts == [(12, 12), (18, 18)]

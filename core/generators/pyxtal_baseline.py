@@ -10,6 +10,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 from pymatgen.core import Composition, Element
@@ -48,12 +49,19 @@ FALLBACK_SPACEGROUPS = {
 }
 
 
-@functools.cache
 def mp20_train_distribution() -> tuple[dict[tuple[str, ...], int], dict[int, int]]:
     """Row counts of chemical systems and of space groups in MP-20 train: what unconditioned attempts draw from.
 
     Falls back to the built-in top entries (with a warning) when the dataset is neither local nor downloadable.
+    Cached per data folder: a process that switches `WYCKOFF_LAB_DATA` (the tests do) gets that folder's counts.
     """
+    from wyckoff_lab.core.paths import data_dir
+
+    return _mp20_train_distribution(data_dir())
+
+
+@functools.cache
+def _mp20_train_distribution(data_folder: Path) -> tuple[dict[tuple[str, ...], int], dict[int, int]]:
     from wyckoff_lab.core.datasets import load_dataset
     from wyckoff_lab.core.paths import DataUnavailableError
 

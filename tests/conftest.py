@@ -45,3 +45,32 @@ def mp20_test_rows():
         warnings.simplefilter("ignore")
         return [(row.material_id, Structure.from_str(row.cif, fmt="cif"), int(row["spacegroup.number"]))
                 for _, row in frame.iterrows()]
+
+
+APP_SYSTEM = ("Al", "Ca", "Cu")  # the chemical system the app tests generate in
+
+
+def _in_system(elements: str) -> bool:
+    import ast
+
+    return set(ast.literal_eval(elements)) <= set(APP_SYSTEM)
+
+
+@pytest.fixture(scope="session")
+def mp20_al_ca_cu(tmp_path_factory):
+    """Real MP-20 rows inside Al–Ca–Cu (novelty, hull references) plus a few others from every split, so that the
+    tests' fresh cache parses them in seconds rather than all of MP-20 in minutes."""
+    import os
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = os.environ.get("WYCKOFF_LAB_DATA")
+    if not root or not (Path(root) / "mp_20" / "train.csv.gz").is_file():
+        pytest.skip("WYCKOFF_LAB_DATA is not set or has no MP-20 (the README says how to get it)")
+    out = tmp_path_factory.mktemp("data") / "mp_20"
+    out.mkdir()
+    for name in ("train", "val", "test", "train_meta_nocoords"):
+        table = pd.read_csv(Path(root) / "mp_20" / f"{name}.csv.gz")
+        table[table["elements"].map(_in_system) | (table.index < 10)].to_csv(out / f"{name}.csv.gz", index=False)
+    return out.parent

@@ -18,40 +18,24 @@ def ctc():
     return compat.crystal_toolkit_components()
 
 
-SYSTEM = ("Al", "Ca", "Cu")
+class IssuedSessionIds(dict):
+    """Session ids signed by this process, one per name: the app refuses any id it did not issue."""
+
+    def __missing__(self, name):
+        from wyckoff_lab.widgets.state import new_session_id
+
+        self[name] = new_session_id()
+        return self[name]
 
 
-def _in_system(elements: str) -> bool:
-    import ast
-
-    return set(ast.literal_eval(elements)) <= set(SYSTEM)
-
-
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory):
-    """Real MP-20 rows inside Al–Ca–Cu (novelty, hull references) plus a few others from every split, so that the
-    tests' fresh cache parses them in seconds rather than all of MP-20 in minutes."""
-    import os
-    from pathlib import Path
-
-    import pandas as pd
-
-    root = os.environ.get("WYCKOFF_LAB_DATA")
-    if not root or not (Path(root) / "mp_20" / "train.csv.gz").is_file():
-        pytest.skip("WYCKOFF_LAB_DATA is not set or has no MP-20 (the README says how to get it)")
-    out = tmp_path_factory.mktemp("data") / "mp_20"
-    out.mkdir()
-    for name in ("train", "val", "test", "train_meta_nocoords"):
-        table = pd.read_csv(Path(root) / "mp_20" / f"{name}.csv.gz")
-        table[table["elements"].map(_in_system) | (table.index < 10)].to_csv(out / f"{name}.csv.gz", index=False)
-    return out.parent
+SID = IssuedSessionIds()
 
 
 @pytest.fixture
-def context(tmp_path, small_data, monkeypatch):
+def context(tmp_path, mp20_al_ca_cu, monkeypatch):
     from wyckoff_lab.widgets.context import LabContext, LabSettings
 
-    monkeypatch.setenv("WYCKOFF_LAB_DATA", str(small_data))
+    monkeypatch.setenv("WYCKOFF_LAB_DATA", str(mp20_al_ca_cu))
     context = LabContext(LabSettings(warm_up=False, work_dir=tmp_path / "work", relax_max_steps=8,
                                      potential="chgnet", hull_max_references=1))
     yield context
@@ -200,12 +184,12 @@ def test_generation_fills_only_its_own_session(context):
     from wyckoff_lab.widgets.jobs import GenerationRequest, run_generation
 
     seen = []
-    summary = run_generation(context, "tab-a", GenerationRequest("pyxtal", 6, elements=["Al", "Ca", "Cu"], seed=1),
+    summary = run_generation(context, SID["tab-a"], GenerationRequest("pyxtal", 6, elements=["Al", "Ca", "Cu"], seed=1),
                              lambda done, total, label: seen.append((done, total)))
-    records = context.sessions.candidates("tab-a")
+    records = context.sessions.candidates(SID["tab-a"])
     assert summary["n"] == len(records) == 6 and seen[-1] == (6, 6)
     assert all(set(r["elements"]) == {"Al", "Ca", "Cu"} and r["structure"] for r in records)
-    assert context.sessions.candidates("tab-b") == []  # another tab sees nothing
+    assert context.sessions.candidates(SID["tab-b"]) == []  # another tab sees nothing
 
 
 @pytest.mark.parametrize("request_kwargs, expected", [
@@ -222,11 +206,11 @@ def test_generation_fills_only_its_own_session(context):
 def test_generation_refuses_bad_input_and_keeps_candidates(context, request_kwargs, expected):
     from wyckoff_lab.widgets.jobs import GenerationRequest, JobError, run_generation
 
-    run_generation(context, "tab", GenerationRequest("pyxtal", 3, elements=["Na", "Cl"], seed=0))
-    before = context.sessions.candidates("tab")
+    run_generation(context, SID["tab"], GenerationRequest("pyxtal", 3, elements=["Na", "Cl"], seed=0))
+    before = context.sessions.candidates(SID["tab"])
     with pytest.raises(JobError, match=expected):
-        run_generation(context, "tab", GenerationRequest(**request_kwargs))
-    assert context.sessions.candidates("tab") == before
+        run_generation(context, SID["tab"], GenerationRequest(**request_kwargs))
+    assert context.sessions.candidates(SID["tab"]) == before
 
 
 def test_ranked_generation_leaves_the_shared_generator_alone(context):
@@ -236,10 +220,10 @@ def test_ranked_generation_leaves_the_shared_generator_alone(context):
     from wyckoff_lab.widgets.jobs import generation_message
 
     shared = context.generator("wyckoff-transformer")
-    summary = run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 4, elements=["Na", "Cl"],
+    summary = run_generation(context, SID["tab"], GenerationRequest("wyckoff-transformer", 4, elements=["Na", "Cl"],
                                                                seed=0, oversample=3.0))
-    assert summary["n"] == len(context.sessions.candidates("tab")) == 4 and summary["ranked_out"] == 8
-    assert context.sessions.get("tab", "generation")["oversample"] == 3
+    assert summary["n"] == len(context.sessions.candidates(SID["tab"])) == 4 and summary["ranked_out"] == 8
+    assert context.sessions.get(SID["tab"], "generation")["oversample"] == 3
     text = generation_message(summary, "wyckoff-transformer")
     assert "the most likely 4 of 12" in text and "attempts failed" not in text, text
     assert context.generator("wyckoff-transformer") is shared and shared.oversample == 1
@@ -258,12 +242,12 @@ def test_cancelled_generation_and_hull_store_nothing(context):
         run_generation,
     )
 
-    run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=0))
-    before = context.sessions.candidates("tab")
-    request_cancel(context, "tab", "generate", 1)
+    run_generation(context, SID["tab"], GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=0))
+    before = context.sessions.candidates(SID["tab"])
+    request_cancel(context, SID["tab"], "generate", 1)
     with pytest.raises(JobCancelled, match="candidates from before stay"):  # cancelled before it started
-        run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=1),
-                       cancelled=cancel_check(context, "tab", "generate", 0))
+        run_generation(context, SID["tab"], GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=1),
+                       cancelled=cancel_check(context, SID["tab"], "generate", 0))
     checks = []
 
     def cancelled_once_sampled() -> bool:  # the user presses cancel while the samples are being checked
@@ -271,24 +255,26 @@ def test_cancelled_generation_and_hull_store_nothing(context):
         return len(checks) > 1
 
     with pytest.raises(JobCancelled):
-        run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=2),
+        run_generation(context, SID["tab"], GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=2),
                        cancelled=cancelled_once_sampled)
-    assert len(checks) == 2 and context.sessions.candidates("tab") == before
-    run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=3),
-                   cancelled=cancel_check(context, "tab", "generate", 1))  # the next click's job runs
-    assert context.sessions.candidates("tab") != before
+    assert len(checks) == 2 and context.sessions.candidates(SID["tab"]) == before
+    run_generation(context, SID["tab"], GenerationRequest("wyckoff-transformer", 3, elements=["Na", "Cl"], seed=3),
+                   cancelled=cancel_check(context, SID["tab"], "generate", 1))  # the next click's job runs
+    assert context.sessions.candidates(SID["tab"]) != before
 
-    request_cancel(context, "tab", "hull", 1)
+    request_cancel(context, SID["tab"], "hull", 1)
     with pytest.raises(JobCancelled, match="Hull cancelled"):
-        hull_for_session(context, "tab", cancelled=cancel_check(context, "tab", "hull", 0))
-    assert context.sessions.get("tab", "hull") is None
+        hull_for_session(context, SID["tab"], cancelled=cancel_check(context, SID["tab"], "hull", 0))
+    assert context.sessions.get(SID["tab"], "hull") is None
     # the hull and the candidates' places on it are stored together or not at all
-    first = context.sessions.candidates("tab")[0]["id"]
-    assert not context.sessions.store_hull("tab", {"elements": ["Cl", "Na"]}, {first: {"e_above_hull": 0.1}},
+    first = context.sessions.candidates(SID["tab"])[0]["id"]
+    assert not context.sessions.store_hull(SID["tab"], {"elements": ["Cl", "Na"]}, {first: {"e_above_hull": 0.1}},
                                            unless=lambda: True)
-    assert context.sessions.get("tab", "hull") is None and context.sessions.candidates("tab")[0]["e_above_hull"] is None
-    assert context.sessions.store_hull("tab", {"elements": ["Cl", "Na"]}, {first: {"e_above_hull": 0.1}})
-    assert context.sessions.get("tab", "hull") and context.sessions.candidates("tab")[0]["e_above_hull"] == 0.1
+    assert context.sessions.get(SID["tab"], "hull") is None
+    assert context.sessions.candidates(SID["tab"])[0]["e_above_hull"] is None
+    assert context.sessions.store_hull(SID["tab"], {"elements": ["Cl", "Na"]}, {first: {"e_above_hull": 0.1}})
+    assert context.sessions.get(SID["tab"], "hull")
+    assert context.sessions.candidates(SID["tab"])[0]["e_above_hull"] == 0.1
 
 
 def test_unseen_element_with_the_transformer(context, tmp_path, monkeypatch):
@@ -300,7 +286,7 @@ def test_unseen_element_with_the_transformer(context, tmp_path, monkeypatch):
 
     monkeypatch.setenv("WYCKOFF_LAB_MODELS", str(tmp_path / "none"))
     with pytest.raises(JobError, match="no Wyckoff transformer weights"):
-        run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 2, elements=["Na", "Cl"]))
+        run_generation(context, SID["tab"], GenerationRequest("wyckoff-transformer", 2, elements=["Na", "Cl"]))
     torch.manual_seed(0)
     export(WyckoffTransformer(WyckoffTransformerConfig(d_model=32, n_layers=1, n_heads=2, n_gaussians=4,
                                                        n_mixture=2)),
@@ -309,7 +295,7 @@ def test_unseen_element_with_the_transformer(context, tmp_path, monkeypatch):
     monkeypatch.setenv("WYCKOFF_LAB_MODELS", str(tmp_path / "models"))
     context._generators.clear()
     with pytest.raises(JobError, match="never saw F, Xe"):
-        run_generation(context, "tab", GenerationRequest("wyckoff-transformer", 2, elements=["Xe", "F"]))
+        run_generation(context, SID["tab"], GenerationRequest("wyckoff-transformer", 2, elements=["Xe", "F"]))
 
 
 def test_parallel_generation_splits_and_merges(context):
@@ -369,13 +355,13 @@ def test_relax_one_streams_frames_and_stores_the_result(context):
     structure = rocksalt()
     structure.perturb(0.05, 0.0)
     candidate = Candidate(structure, "test", Conditions(), intended_spacegroup=225)
-    context.sessions.set_candidates("tab", build_records([candidate]))
+    context.sessions.set_candidates(SID["tab"], build_records([candidate]))
     frames = []
-    summary = relax_one(context, "tab", "c001", lambda frame, history: frames.append(
+    summary = relax_one(context, SID["tab"], "c001", lambda frame, history: frames.append(
         frame_payload(frame, history, "#1")))
     assert len(frames) >= 2 and frames[0]["view"]["structure"] and frames[-1]["history"]
     assert summary["status"] in ("converged", "not_converged") and "Relaxed #1" in relax_message(summary)
-    record = context.sessions.candidate("tab", "c001")
+    record = context.sessions.candidate(SID["tab"], "c001")
     assert record["relax_status"] == summary["status"] and record["relaxed_structure"]
     assert len(relax_figure(frames[-1]["history"]).data) == 2
 
@@ -387,13 +373,13 @@ def test_a_relaxation_that_cannot_run_keeps_the_structure(context):
 
     crushed = Structure(Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.01, 0, 0]])
     candidate = Candidate(crushed, "test", Conditions())
-    context.sessions.set_candidates("tab", build_records([candidate]))
-    summary = relax_one(context, "tab", "c001", lambda frame, history: None)
+    context.sessions.set_candidates(SID["tab"], build_records([candidate]))
+    summary = relax_one(context, SID["tab"], "c001", lambda frame, history: None)
     assert summary["status"] == "atoms_too_close"
     assert "generated structure is kept" in relax_message(summary)
-    assert context.sessions.candidate("tab", "c001")["structure"]
+    assert context.sessions.candidate(SID["tab"], "c001")["structure"]
     with pytest.raises(JobError, match="Select a candidate"):
-        relax_one(context, "tab", None, lambda frame, history: None)
+        relax_one(context, SID["tab"], None, lambda frame, history: None)
 
 
 def _relaxable_records(n: int) -> list[dict]:
@@ -413,37 +399,37 @@ def test_cancelled_relaxation_stores_and_reports_nothing_more(context):
     recorded before the job starts (it waited for the warm-up) stops it before its first step."""
     from wyckoff_lab.widgets.jobs import JobCancelled, cancel_check, relax_one, request_cancel
 
-    context.sessions.set_candidates("tab", _relaxable_records(1))
+    context.sessions.set_candidates(SID["tab"], _relaxable_records(1))
     frames = []
     with pytest.raises(JobCancelled, match="cancelled at step"):
-        relax_one(context, "tab", "c001", lambda frame, history: frames.append(frame.step),
+        relax_one(context, SID["tab"], "c001", lambda frame, history: frames.append(frame.step),
                   cancelled=lambda: len(frames) >= 2)
     assert len(frames) == 2
-    assert context.sessions.candidate("tab", "c001")["relax_status"] == ""  # as generated, nothing half-stored
+    assert context.sessions.candidate(SID["tab"], "c001")["relax_status"] == ""  # as generated, nothing half-stored
 
-    request_cancel(context, "tab", "relax", 3)  # the cancel button's 3rd click
+    request_cancel(context, SID["tab"], "relax", 3)  # the cancel button's 3rd click
     with pytest.raises(JobCancelled, match="step 0"):
-        relax_one(context, "tab", "c001", lambda frame, history: frames.append(frame.step),
-                  cancelled=cancel_check(context, "tab", "relax", 2))  # asked for at 2 clicks: cancelled since
+        relax_one(context, SID["tab"], "c001", lambda frame, history: frames.append(frame.step),
+                  cancelled=cancel_check(context, SID["tab"], "relax", 2))  # asked for at 2 clicks: cancelled since
     assert len(frames) == 2
-    assert not cancel_check(context, "tab", "relax", 3)()  # the next Relax (at 3 clicks) is not cancelled
+    assert not cancel_check(context, SID["tab"], "relax", 3)()  # the next Relax (at 3 clicks) is not cancelled
 
 
 def test_cancelled_relax_all_keeps_what_was_relaxed_before(context, monkeypatch):
     from wyckoff_lab.widgets import jobs
 
     monkeypatch.setattr(jobs, "RELAX_CHUNK", 1)
-    context.sessions.set_candidates("tab", _relaxable_records(2))
+    context.sessions.set_candidates(SID["tab"], _relaxable_records(2))
     def first_done() -> bool:  # the user presses cancel once the first batch is stored
-        return context.sessions.candidates("tab")[0]["relax_status"] != ""
+        return context.sessions.candidates(SID["tab"])[0]["relax_status"] != ""
 
     with pytest.raises(jobs.JobCancelled, match="1 of 2 candidates were relaxed before the cancel"):
-        jobs.relax_all(context, "tab", cancelled=first_done)
-    first, second = context.sessions.candidates("tab")
+        jobs.relax_all(context, SID["tab"], cancelled=first_done)
+    first, second = context.sessions.candidates(SID["tab"])
     assert first["relax_status"] in jobs.USABLE and first["relaxed_structure"]
     assert second["relax_status"] == "" and not second.get("relaxed_structure")
     # a write that finds the cancel inside its transaction does not happen
-    assert context.sessions.update_candidates("tab", {"c002": {"relax_status": "converged"}},
+    assert context.sessions.update_candidates(SID["tab"], {"c002": {"relax_status": "converged"}},
                                               unless=lambda: True) == 0
 
 
@@ -511,18 +497,19 @@ def test_hull_points_select_candidates_and_show_reference_phases(context):
     records = _relaxable_records(1)
     records[0].update(formula="CaAlCu", label=1, sg_label="P1 (1)",
                       **place_on_hull(hull, Composition("CaAlCu"), -2.5, "toy"))
-    context.sessions.set_candidates("tab", records)
-    context.sessions.set("tab", "hull", hull)
+    context.sessions.set_candidates(SID["tab"], records)
+    context.sessions.set(SID["tab"], "hull", hull)
     figure = hull_figure(hull, records)
     keys = [k for trace in figure.data if trace.customdata is not None for k in trace.customdata]
     assert "c001" in keys and sum(k.startswith(REFERENCE_PREFIX) for k in keys) == len(hull["references"])
 
-    selected, structure, status = clicked_point(context, "tab", {"points": [{"customdata": "c001"}]})
+    selected, structure, status = clicked_point(context, SID["tab"], {"points": [{"customdata": "c001"}]})
     assert selected == "c001" and "#1 CaAlCu" in status.children
-    selected, structure, status = clicked_point(context, "tab", {"points": [{"customdata": f"{REFERENCE_PREFIX}0"}]})
+    reference_click = {"points": [{"customdata": f"{REFERENCE_PREFIX}0"}]}
+    selected, structure, status = clicked_point(context, SID["tab"], reference_click)
     ref = hull["references"][0]
     assert structure["structure"] and ref["formula"] in structure["title"] and ref["formula"] in status.children
-    assert clicked_point(context, "tab", {"points": [{}]})[0] is no_update
+    assert clicked_point(context, SID["tab"], {"points": [{}]})[0] is no_update
 
 
 # -- step 8: embeddings ------------------------------------------------------------------------------------------------
@@ -665,13 +652,14 @@ def test_callbacks_chemistry_symmetry_and_table(app, context):
     assert "cannot fit" in json.dumps(verdict["wl-sym-verdict"]["children"])
     assert verdict["wl-sym-verdict"]["className"].endswith("is-bad")
 
-    run_generation(context, "tab-1", GenerationRequest("pyxtal", 4, elements=["Al", "Ca", "Cu"], seed=3))
-    table = call(app, "wl-cand-table.data", {"wl-revision.data": "r1"}, {"wl-session.data": {"sid": "tab-1"}})
+    run_generation(context, SID["tab-1"], GenerationRequest("pyxtal", 4, elements=["Al", "Ca", "Cu"], seed=3))
+    table = call(app, "wl-cand-table.data", {"wl-revision.data": "r1"}, {"wl-session.data": {"sid": SID["tab-1"]}})
     assert len(table["wl-cand-table"]["data"]) == 4 and "4 candidates" in table["wl-cand-summary"]["children"]
-    empty = call(app, "wl-cand-table.data", {"wl-revision.data": "r1"}, {"wl-session.data": {"sid": "tab-2"}})
+    empty = call(app, "wl-cand-table.data", {"wl-revision.data": "r1"}, {"wl-session.data": {"sid": SID["tab-2"]}})
     assert empty["wl-cand-table"]["data"] == []
-    view = call(app, "wl-view-title.children", {"wl-structure.data": {
-        "structure": rocksalt().as_dict(), "title": "NaCl", "source": "test"}})
+    from wyckoff_lab.widgets.structure_view import structure_payload
+
+    view = call(app, "wl-view-title.children", {"wl-structure.data": structure_payload(rocksalt(), "NaCl", "test")})
     assert "Fm-3m (225)" in view["wl-view-symmetry"]["children"] and view["wl-view-orbits"]["data"]
 
 
@@ -680,10 +668,10 @@ def test_generate_and_hull_cancel_buttons_record_the_cancel(app, context):
 
     for prefix, kind in (("wl-gen", "generate"), ("wl-hull", "hull")):
         shown = call(app, f"{prefix}-status.children", {f"{prefix}-cancel.n_clicks": 2},
-                     {"wl-session.data": {"sid": "tab-c"}}, query="?cancelJob=999999999")  # a job already gone
+                     {"wl-session.data": {"sid": SID["tab-c"]}}, query="?cancelJob=999999999")  # a job already gone
         assert "cancelled" in json.dumps(shown[f"{prefix}-status"]["children"])
-        assert cancel_check(context, "tab-c", kind, 1)() and not cancel_check(context, "tab-c", kind, 2)()
-    assert not cancel_check(context, "tab-c", "relax", 0)()  # each kind of job has its own record
+        assert cancel_check(context, SID["tab-c"], kind, 1)() and not cancel_check(context, SID["tab-c"], kind, 2)()
+    assert not cancel_check(context, SID["tab-c"], "relax", 0)()  # each kind of job has its own record
 
 
 def test_cancel_through_the_page_leaves_a_consistent_state(app, context):
@@ -695,8 +683,8 @@ def test_cancel_through_the_page_leaves_a_consistent_state(app, context):
 
     records = _relaxable_records(2)
     records[0]["relax_status"] = "converged"
-    context.sessions.set_candidates("tab", records)
-    session = {"wl-session.data": {"sid": "tab"}}
+    context.sessions.set_candidates(SID["tab"], records)
+    session = {"wl-session.data": {"sid": SID["tab"]}}
     frame = SimpleNamespace(step=3, structure=rocksalt(), result=None)
     late = frame_payload(frame, [{"step": 3, "energy_per_atom": -3.0, "max_force": 0.5}], "#2", cancel_clicks=0)
     shown = call(app, "wl-structure.data", {"wl-relax-frame.data": late}, session)
@@ -705,13 +693,13 @@ def test_cancel_through_the_page_leaves_a_consistent_state(app, context):
     response = call(app, "wl-revision.data", {"wl-relax-cancel.n_clicks": 1}, session, query="?cancelJob=999999999")
     assert response["wl-revision"]["data"]  # the table and the 3D view refresh from the session
     assert "1 of 2 candidates are relaxed" in json.dumps(response["wl-relax-status"]["children"])
-    assert context.sessions.get("tab", "cancel/relax") == 1
+    assert context.sessions.get(SID["tab"], "cancel/relax") == 1
     assert not (call(app, "wl-structure.data", {"wl-relax-frame.data": late}, session) or {})  # after: not shown
     assert not (call(app, "wl-relax-curve.figure", {"wl-relax-frame.data": late}, session) or {})
     fresh = frame_payload(frame, [], "#2", cancel_clicks=1, run="r2")  # the next relaxation, after the cancel
     assert call(app, "wl-structure.data", {"wl-relax-frame.data": fresh}, session)["wl-structure"]["data"]
     # once that relaxation has ended, a frame that arrives with (or after) the final one is dropped; the final isn't
-    context.sessions.set("tab", "relax/finished", "r2")
+    context.sessions.set(SID["tab"], "relax/finished", "r2")
     assert not (call(app, "wl-structure.data", {"wl-relax-frame.data": fresh}, session) or {})
     assert call(app, "wl-structure.data", {"wl-relax-final.data": fresh}, session)["wl-structure"]["data"]
 
@@ -739,15 +727,15 @@ def test_relax_all_places_candidates_on_a_real_hull(context):
     from wyckoff_lab.widgets.hull import hull_figure
     from wyckoff_lab.widgets.jobs import GenerationRequest, hull_message, relax_all, run_generation
 
-    run_generation(context, "tab", GenerationRequest("pyxtal", 3, elements=["Al", "Cu"], seed=2))
+    run_generation(context, SID["tab"], GenerationRequest("pyxtal", 3, elements=["Al", "Cu"], seed=2))
     labels = []
-    summary = relax_all(context, "tab", lambda done, total, label: labels.append(label))
-    records = context.sessions.candidates("tab")
+    summary = relax_all(context, SID["tab"], lambda done, total, label: labels.append(label))
+    records = context.sessions.candidates(SID["tab"])
     assert summary["relaxed"] == 3 and summary["references"] >= 2 and "hull" in hull_message(summary)
     placed = [r for r in records if r["e_above_hull"] is not None]
     assert placed and all(-1.0 < r["e_above_hull"] < 5.0 for r in placed)
     assert any("reference phases" in label for label in labels)
-    hull = context.sessions.get("tab", "hull")
+    hull = context.sessions.get(SID["tab"], "hull")
     assert hull["elements"] == ["Al", "Cu"]
     candidates = [t for t in hull_figure(hull, records).data if t.name == "candidates"]
     assert len(candidates[0].x) == len(placed)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from app_timing import free_port, start_browser, stop_process
-from test_app import small_data  # noqa: F401  (shared fixture: a small real MP-20 folder)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -30,11 +29,11 @@ needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 
 
 @pytest.fixture(scope="module")
-def app_url(small_data, tmp_path_factory):  # noqa: F811  (the imported fixture)
+def app_url(mp20_al_ca_cu, tmp_path_factory):
     """`wyckoff-lab app` in a subprocess, as the README starts it; yields (url, seconds until it answered)."""
     port = free_port()
     home = tmp_path_factory.mktemp("app")
-    env = dict(os.environ, WYCKOFF_LAB_DATA=str(small_data), WYCKOFF_LAB_CACHE=str(home / "cache"),
+    env = dict(os.environ, WYCKOFF_LAB_DATA=str(mp20_al_ca_cu), WYCKOFF_LAB_CACHE=str(home / "cache"),
                WYCKOFF_LAB_MODELS=str(home / "no-models"), OMP_NUM_THREADS="1")
     log = open(home / "app.log", "w")
     started = time.perf_counter()
@@ -234,13 +233,13 @@ def test_full_workflow_in_chromium(app_url, browser, tmp_path):
     assert "Traceback" not in app_log.read_text(), app_log.read_text()[-3000:]
 
 
-def test_notebook_embeds_the_explorer(small_data, tmp_path, monkeypatch):  # noqa: F811
+def test_notebook_embeds_the_explorer(mp20_al_ca_cu, tmp_path, monkeypatch):
     """tests/notebooks/explorer.ipynb runs headless: the Explorer and a lone StructureView display inline (an iframe
     each) and their servers answer."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
 
-    monkeypatch.setenv("WYCKOFF_LAB_DATA", str(small_data))
+    monkeypatch.setenv("WYCKOFF_LAB_DATA", str(mp20_al_ca_cu))
     monkeypatch.setenv("WYCKOFF_LAB_MODELS", str(tmp_path / "no-models"))
     notebook = nbformat.read(Path(__file__).parent / "notebooks" / "explorer.ipynb", as_version=4)
     nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",

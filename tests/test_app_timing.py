@@ -11,18 +11,17 @@ import argparse
 import os
 
 import pytest
-from test_app import small_data  # noqa: F401  (shared fixture: a small real MP-20 folder)
 from test_app_e2e import needs_chromium
 
 STARTUP_BOUND_S = 20.0
 
 
 @needs_chromium
-def test_app_is_interactive_soon_after_the_command(small_data, tmp_path):  # noqa: F811
+def test_app_is_interactive_soon_after_the_command(mp20_al_ca_cu, tmp_path):
     from app_timing import one_run, start_browser
 
     driver = start_browser(tmp_path / "profile")
-    env = dict(os.environ, WYCKOFF_LAB_DATA=str(small_data), WYCKOFF_LAB_CACHE=str(tmp_path / "cache"),
+    env = dict(os.environ, WYCKOFF_LAB_DATA=str(mp20_al_ca_cu), WYCKOFF_LAB_CACHE=str(tmp_path / "cache"),
                OMP_NUM_THREADS="1")
     env.pop("WYCKOFF_LAB_MODELS", None)  # the shipped transformer, as a user runs it
     args = argparse.Namespace(samples=100, generator=None, startup_only=True, reload=False, seed=None)

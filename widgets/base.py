@@ -56,7 +56,8 @@ class Links:
 
 def cancel_jobs(context: LabContext, sid: str, kind: str, clicks: int) -> None:
     """Inside a cancel button's callback: record the cancel (see `jobs.request_cancel`), then stop at once the
-    running background jobs whose ids Dash sends with the click."""
+    running background jobs whose ids Dash sends with the click. The manager stops only jobs it started for this
+    session (`WarmDiskcacheManager.terminate_job`): any other id in the query is refused."""
     import flask
     from wyckoff_lab.widgets.jobs import request_cancel
 
@@ -64,7 +65,7 @@ def cancel_jobs(context: LabContext, sid: str, kind: str, clicks: int) -> None:
     for job in flask.request.args.getlist("cancelJob"):
         try:
             context.manager.terminate_job(job)
-        except Exception as exc:  # gone already, or not ours: the cancel record stops it anyway
+        except Exception as exc:  # gone already: the cancel record stops it anyway
             log.info("could not stop job %s: %s", job, exc)
 
 
@@ -155,6 +156,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MAX_REQUEST_BYTES = 32 * 2**20  # the largest callback body the page sends (a 3D payload) is well below this
+
+
+def guard_requests(app: Dash, allowed_hosts) -> None:
+    """Refuse, before any callback runs, a request for a Host this app does not serve (DNS rebinding) and a
+    callback request carrying a session id this process did not issue (403 with the reason)."""
+    import flask
+    from wyckoff_lab.widgets.security import claimed_session_ids, host_name, session_id_is_valid
+
+    allowed = frozenset(allowed_hosts)
+    app.server.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+
+    @app.server.before_request
+    def refuse_untrusted():
+        request = flask.request
+        if host_name(request.host) not in allowed:
+            log.warning("refused a request for host %r (serving %s)", request.host[:100], ", ".join(sorted(allowed)))
+            return flask.Response(f"Wyckoff Lab does not serve this host name ({request.host[:100]!r}).", 403,
+                                  mimetype="text/plain")
+        if request.path.endswith("/_dash-update-component") and request.method == "POST":
+            claimed = claimed_session_ids(request.get_json(silent=True))
+            if any(not session_id_is_valid(sid) for sid in claimed):
+                return flask.Response("Unknown session (not issued by this app, or from before a restart): reload "
+                                      "the page.", 403, mimetype="text/plain")
+        return None
+
+
 def assets_folder() -> str:
     return str(Path(str(resources.files("wyckoff_lab.widgets").joinpath("assets"))))
 
@@ -187,6 +215,8 @@ def build_app(widgets: list[Widget], context: LabContext, title: str = "Wyckoff 
     @app.server.route(f"/{CT_STATIC_ROUTE}/<path:filename>")
     def crystal_toolkit_static(filename):
         return send_from_directory(ct_assets, filename, max_age=3600)
+
+    guard_requests(app, context.settings.allowed_hosts)
 
     @app.server.before_request
     def warm_up():

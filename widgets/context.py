@@ -18,12 +18,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dash import DiskcacheManager
+from wyckoff_lab.widgets.security import allowed_host_names, request_session_ids
 from wyckoff_lab.widgets.state import SessionStore
 
 log = logging.getLogger(__name__)
 
 WARMUP_WAIT_S = 60.0  # a job that starts during warm-up waits at most this long for the models to be loaded
 JOB_TORCH_THREADS = 1  # see _job_entry
+WORK_DIR_PREFIX = "wyckoff-lab-app-"  # temporary work folders, one per app process
+OWNER_FILE = "owner.pid"  # the process that made a work folder: once it is gone, the folder is stale
+
+
+def _remove_work_dir(folder: Path, owner_pid: int) -> None:
+    """At exit of the process that made it (forked jobs inherit the atexit hook and must not run it)."""
+    if os.getpid() == owner_pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_work_dirs(root: Path | None = None) -> list[Path]:
+    """Remove temporary work folders whose app process is gone (killed without a chance to clean up); returns them.
+
+    A folder without a readable owner file is left alone unless it is a day old (it may be one being made now).
+    """
+    import psutil
+
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    for folder in root.glob(f"{WORK_DIR_PREFIX}*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text().strip())
+            stale = owner != os.getpid() and not psutil.pid_exists(owner)
+        except (OSError, ValueError):
+            try:
+                stale = time.time() - folder.stat().st_mtime > 24 * 3600
+            except OSError:
+                continue
+        if stale and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d stale work folder(s) of app processes that are gone", len(removed))
+    return removed
 
 
 @dataclass
@@ -44,6 +79,8 @@ class LabSettings:
     work_dir: Path | None = None  # session store + job results; a temporary folder (removed at exit) when None
     warm_up: bool = True  # load models and reference data in a thread once the first request arrives
     generator_kwargs: dict = field(default_factory=dict)  # name -> constructor kwargs (e.g. weights folder)
+    # Host header names served (see security.allowed_host_names); anything else gets 403 (DNS rebinding).
+    allowed_hosts: frozenset[str] = field(default_factory=lambda: allowed_host_names("127.0.0.1"))
 
 
 class LabContext:
@@ -54,8 +91,10 @@ class LabContext:
 
         self.settings = settings or LabSettings()
         if self.settings.work_dir is None:
-            folder = Path(tempfile.mkdtemp(prefix="wyckoff-lab-app-"))
-            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            remove_stale_work_dirs()
+            folder = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX))
+            (folder / OWNER_FILE).write_text(str(os.getpid()))
+            atexit.register(_remove_work_dir, folder, os.getpid())
         else:
             folder = Path(self.settings.work_dir)
             folder.mkdir(parents=True, exist_ok=True)
@@ -202,27 +241,109 @@ class LabContext:
             return self._frequencies
 
 
+@dataclass(frozen=True)
+class StartedJob:
+    """A background job this app started: its process (pid + start time, so a reused pid is not taken for it) and
+    the sessions whose request started it."""
+
+    pid: int
+    create_time: float
+    sessions: frozenset[str]
+
+
 class WarmDiskcacheManager(DiskcacheManager):
-    """Dash's diskcache background manager, with two changes that matter for a process holding torch models.
+    """Dash's diskcache background manager, with three changes that matter for a process holding torch models.
 
     1. A job waits for the warm-up gate before it forks, so no fork happens while a model is half loaded (a lock
        held by the loading thread would stay locked forever in the child).
     2. The child runs torch single-threaded: GNU OpenMP does not survive fork once the parent has used its thread
        pool (measured: a CHGNet step in a forked child hangs with 2 threads and completes with 1).
+    3. It stops only processes it started, and only at the request of the session that started them. Dash's own
+       manager kills whatever pid a client puts in `cancelJob`, `oldJob` or `job`, the server's included.
     """
 
     def __init__(self, cache, ready: threading.Event, **kwargs):
         super().__init__(cache, **kwargs)
         self._ready = ready
+        self._jobs: dict[int, StartedJob] = {}
+        self._jobs_lock = threading.Lock()
 
     def call_job_fn(self, key, job_fn, args, context):
         import multiprocess
+        import psutil
 
+        sessions = request_session_ids()  # before the wait: the request is what says whose job this is
         self._ready.wait(WARMUP_WAIT_S)
         process = multiprocess.get_context("fork").Process(
             target=_job_entry, args=(job_fn, key, self._make_progress_key(key), args, context), daemon=True)
         process.start()
+        try:
+            started = psutil.Process(process.pid).create_time()
+        except psutil.NoSuchProcess:  # finished already: nothing left to stop
+            started = -1.0
+        with self._jobs_lock:
+            self._forget_finished()
+            self._jobs[process.pid] = StartedJob(process.pid, started, sessions)
         return process.pid
+
+    def started_job(self, job) -> StartedJob | None:
+        """The job with this id if this manager started it and its process is still that one; else None."""
+        import psutil
+
+        try:
+            pid = int(str(job))
+        except (TypeError, ValueError):
+            return None
+        with self._jobs_lock:
+            record = self._jobs.get(pid)
+        if record is None:
+            return None
+        try:
+            if psutil.Process(pid).create_time() != record.create_time:
+                raise psutil.NoSuchProcess(pid)
+        except psutil.NoSuchProcess:
+            with self._jobs_lock:
+                self._jobs.pop(pid, None)
+            return None
+        return record
+
+    def _forget_finished(self) -> None:
+        import psutil
+
+        for pid, record in list(self._jobs.items()):
+            try:
+                if psutil.Process(pid).create_time() != record.create_time:
+                    del self._jobs[pid]
+            except psutil.NoSuchProcess:
+                del self._jobs[pid]
+
+    def may_stop(self, job) -> StartedJob | None:
+        """The job if the current caller may stop it: server code outside a request always, a request only when
+        it carries a (signed) session id of the session that started the job."""
+        import flask
+
+        record = self.started_job(job)
+        if record is None:
+            if job is not None:
+                log.warning("refused to stop process %.40r: not a job this app started", str(job))
+            return None
+        if flask.has_request_context() and record.sessions and not (record.sessions & request_session_ids()):
+            log.info("refused to stop job %s for a request of another (or no) session", record.pid)
+            return None
+        return record
+
+    def terminate_job(self, job):
+        record = self.may_stop(job)
+        if record is not None:
+            super().terminate_job(record.pid)
+
+    def terminate_unhealthy_job(self, job):
+        record = self.may_stop(job)
+        return record is not None and super().terminate_unhealthy_job(record.pid)
+
+    def job_running(self, job):
+        record = self.started_job(job)
+        return record is not None and super().job_running(record.pid)
 
 
 def _job_entry(job_fn, key, progress_key, args, context) -> None:

@@ -1,9 +1,10 @@
 """Per-tab state kept on the server: candidate records, relaxations and hulls, keyed by a session id.
 
 Each browser tab gets its own session id (a `dcc.Store` filled when its page is built), so tabs never see each
-other's candidates. The data itself lives in a diskcache folder rather than in the browser: background jobs run in
-forked processes and must read and update the same records, and a hundred structures would make every callback
-ship megabytes of JSON back and forth. diskcache is process-safe; read-modify-write goes through `transact()`.
+other's candidates; ids are signed by the server (see `security`) and the store refuses any other. The data itself
+lives in a diskcache folder rather than in the browser: background jobs run in forked processes and must read and
+update the same records, and a hundred structures would make every callback ship megabytes of JSON back and forth.
+diskcache is process-safe; read-modify-write goes through `transact()`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import uuid
 from collections.abc import Callable, Iterable
 
 import diskcache
+from wyckoff_lab.widgets.security import check_session_id, issue_session_id
 
 SESSION_TTL_S = 7 * 24 * 3600  # a tab left open for a week still finds its candidates
 
 
 def new_session_id() -> str:
-    return uuid.uuid4().hex
+    """A session id for a new tab, signed by this server process (the store refuses any other)."""
+    return issue_session_id()
 
 
 class SessionStore:
@@ -28,9 +31,8 @@ class SessionStore:
         self.cache = diskcache.Cache(folder, size_limit=2**31)
 
     def _key(self, session: str, name: str) -> str:
-        if not session or not isinstance(session, str):
-            raise ValueError("no session id: reload the page")
-        return f"session/{session}/{name}"
+        # Only ids this process issued: a client-invented (or 1 MB) id never becomes a key.
+        return f"session/{check_session_id(session)}/{name}"
 
     # -- candidates -----------------------------------------------------------------------------------------------
 

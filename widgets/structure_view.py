@@ -13,6 +13,7 @@ from pymatgen.core import Structure
 from wyckoff_lab.core.symmetry import quiet_spglib, spacegroup
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.records import SYMPREC, record_structure
+from wyckoff_lab.widgets.security import payload_is_signed, sign_payload
 
 ORBIT_PROPERTY = "Wyckoff orbit"  # categorical site property: Crystal Toolkit's legend colours by it
 ELEMENT_SCHEME = "VESTA"
@@ -74,7 +75,7 @@ def structure_payload(structure: Structure, title: str, source: str, bonds_key: 
     payload = {"structure": structure.as_dict(), "title": title, "source": source}
     if bonds_key:
         payload["bonds_key"] = bonds_key
-    return payload
+    return sign_payload(payload)  # the view draws only payloads the server made (see `show`)
 
 
 BONDING = "CrystalNN"  # the 3D view's bonding strategy (Crystal Toolkit's settings panel can change it)
@@ -235,6 +236,8 @@ class StructureView(Widget):
         def show(payload, graph_options):
             if not payload or not payload.get("structure"):
                 return no_update, "Nothing selected yet", "", []
+            if not payload_is_signed(payload):  # a client-made structure: drawing it could cost minutes of CPU
+                return no_update, "", "Not shown: this structure did not come from this app.", []
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 structure = Structure.from_dict(payload["structure"])

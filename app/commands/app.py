@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8050, help="port to listen on (default 8050)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: only this machine can connect)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also serve requests whose Host header is NAME (a reverse proxy's name; repeatable). "
+                        "Loopback names and the --host address are always served, nothing else")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     p.add_argument("--potential", default=None, choices=("mattersim", "chgnet"),
                    help="relaxation potential (default: MatterSim when its checkpoint can be had, else CHGNet)")
@@ -44,6 +47,21 @@ def wait_until_up(url: str, timeout_s: float = 60.0) -> bool:
     return False
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end the server as Ctrl+C does, so exit handlers remove its work folder (sessions and job
+    results in /tmp); by default those signals kill the process without running them."""
+    import signal
+    import sys
+
+    def stop(signum, _frame):
+        log.info("stopping on signal %d", signum)
+        sys.exit(0)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
+
+
 def run(args: argparse.Namespace) -> int:
     import socket
 
@@ -62,8 +80,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.relax_max_steps < 0 or args.samples < 1:
         raise CommandError("--relax-max-steps must be >= 0 and --samples >= 1")
+    from wyckoff_lab.widgets.security import allowed_host_names
+
+    stop_on_signals()  # before the context makes its work folder: SIGTERM must run its clean-up
     context = LabContext(LabSettings(potential=args.potential, device=args.device, default_generator=args.generator,
-                                     relax_max_steps=args.relax_max_steps, default_samples=args.samples))
+                                     relax_max_steps=args.relax_max_steps, default_samples=args.samples,
+                                     allowed_hosts=allowed_host_names(args.host, args.allow_host)))
     elements = [e.strip() for e in args.elements.split(",") if e.strip()]
     app = create_app(context, elements=elements)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}/"

@@ -249,10 +249,16 @@ def test_only_local_host_names_are_served(server):
         assert _request(port, "GET", "/", host=host)[0] == 200, host
 
 
-def test_allowed_host_names_follow_the_bound_address():
+def test_allowed_host_names_follow_the_bound_address(monkeypatch):
     import socket
 
+    from wyckoff_lab.widgets.context import ALLOWED_HOSTS_ENV, LabSettings
     from wyckoff_lab.widgets.security import allowed_host_names, host_name
+
+    monkeypatch.setenv(ALLOWED_HOSTS_ENV, "hub.example, proxy.lan")
+    assert {"hub.example", "proxy.lan", "localhost"} <= LabSettings().allowed_hosts
+    monkeypatch.delenv(ALLOWED_HOSTS_ENV)
+    assert LabSettings().allowed_hosts == {"127.0.0.1", "localhost", "::1"}
 
     assert allowed_host_names("127.0.0.1") == {"127.0.0.1", "localhost", "::1"}
     assert "192.168.1.5" in allowed_host_names("192.168.1.5") and "lab.local" in allowed_host_names(

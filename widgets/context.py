@@ -29,6 +29,15 @@ WORK_DIR_PREFIX = "wyckoff-lab-app-"  # temporary work folders, one per app proc
 OWNER_FILE = "owner.pid"  # the process that made a work folder: once it is gone, the folder is stale
 
 
+ALLOWED_HOSTS_ENV = "WYCKOFF_LAB_ALLOWED_HOSTS"  # comma-separated Host names to serve besides loopback ones
+
+
+def extra_hosts() -> list[str]:
+    """Host names a user allows besides the loopback ones (a Jupyter or reverse proxy's name), from the
+    environment, so widgets shown in Jupyter honour them too."""
+    return [name for name in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if name.strip()]
+
+
 def _remove_work_dir(folder: Path, owner_pid: int) -> None:
     """At exit of the process that made it (forked jobs inherit the atexit hook and must not run it)."""
     if os.getpid() == owner_pid:
@@ -80,7 +89,7 @@ class LabSettings:
     warm_up: bool = True  # load models and reference data in a thread once the first request arrives
     generator_kwargs: dict = field(default_factory=dict)  # name -> constructor kwargs (e.g. weights folder)
     # Host header names served (see security.allowed_host_names); anything else gets 403 (DNS rebinding).
-    allowed_hosts: frozenset[str] = field(default_factory=lambda: allowed_host_names("127.0.0.1"))
+    allowed_hosts: frozenset[str] = field(default_factory=lambda: allowed_host_names("127.0.0.1", extra_hosts()))
 
 
 class LabContext:

@@ -75,17 +75,17 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); "
                                "is the app already running? try --port") from None
 
-    from wyckoff_lab.widgets.context import LabContext, LabSettings
+    from wyckoff_lab.widgets.context import LabContext, LabSettings, extra_hosts
     from wyckoff_lab.widgets.explorer import create_app
+    from wyckoff_lab.widgets.security import allowed_host_names
 
     if args.relax_max_steps < 0 or args.samples < 1:
         raise CommandError("--relax-max-steps must be >= 0 and --samples >= 1")
-    from wyckoff_lab.widgets.security import allowed_host_names
-
     stop_on_signals()  # before the context makes its work folder: SIGTERM must run its clean-up
+    hosts = allowed_host_names(args.host, [*extra_hosts(), *args.allow_host])
     context = LabContext(LabSettings(potential=args.potential, device=args.device, default_generator=args.generator,
                                      relax_max_steps=args.relax_max_steps, default_samples=args.samples,
-                                     allowed_hosts=allowed_host_names(args.host, args.allow_host)))
+                                     allowed_hosts=hosts))
     elements = [e.strip() for e in args.elements.split(",") if e.strip()]
     app = create_app(context, elements=elements)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}/"

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
+import logging
 import os
 import socket
 import threading
 import urllib.request
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from platformdirs import user_cache_dir
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DATA_ENV = "WYCKOFF_LAB_DATA"
 CACHE_ENV = "WYCKOFF_LAB_CACHE"
@@ -30,6 +39,10 @@ class DataUnavailableError(FileNotFoundError):
 
 class DownloadError(OSError):
     """A download that could not start or finish (offline, host unreachable, interrupted)."""
+
+
+class CacheEntryError(ValueError):
+    """A cache entry that does not read back as its schema (damaged, hand-edited, or from another program)."""
 
 
 def download(url: str, target: Path) -> Path:
@@ -126,3 +139,69 @@ def file_digest(path: Path, n_bytes: int = 1 << 16) -> str:
             f.seek(max(size - n_bytes, 0))
             h.update(f.read(n_bytes))
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# versioned JSON cache entries
+
+CACHE_VERSION_KEY = "format_version"
+
+
+def read_cache_entry(
+    path: Path | None, version: int, parse: Callable[[dict], T], what: str = "cache entry"
+) -> T | None:
+    """`parse(data)` of the JSON object at `path` (gzip if it ends in .gz), or None: absent, or to be recomputed.
+
+    An entry whose format_version is not `version` is recomputed quietly (INFO: an upgrade makes many); anything
+    else that does not read back as the schema (not JSON, not an object, `parse` raising) is recomputed with a
+    warning. `parse` should raise on any field of the wrong type (see `entry_field`), never return half an entry.
+    """
+    if path is None or not path.is_file():
+        return None
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        data = json.loads(raw)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
+        log.warning("ignoring unreadable %s %s (%s); recomputing it", what, path, exc)
+        return None
+    if not isinstance(data, dict):
+        log.warning("ignoring %s %s: a JSON %s, not an object; recomputing it", what, path, type(data).__name__)
+        return None
+    found = data.get(CACHE_VERSION_KEY)
+    if found != version:
+        if found is None or isinstance(found, int) and not isinstance(found, bool):  # an older or newer program's
+            log.info("%s %s has format version %s, not %d; recomputing it", what, path, found, version)
+        else:
+            log.warning("ignoring %s %s: format version %r; recomputing it", what, path, found)
+        return None
+    try:
+        return parse(data)
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged entry makes the parser raise, the entry is unusable
+        log.warning("ignoring malformed %s %s (%s: %s); recomputing it", what, path, type(exc).__name__, exc)
+        return None
+
+
+def write_cache_entry(path: Path | None, version: int, payload: dict) -> None:
+    """Write `payload` with its format_version at `path` (gzip if it ends in .gz), atomically: readers never see
+    half a file, and concurrent writers (one .part per process) never mix."""
+    if path is None:
+        return
+    raw = json.dumps({CACHE_VERSION_KEY: version, **payload}).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    partial.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    partial.replace(path)
+
+
+def entry_field(data: dict, key: str, kind: type) -> Any:
+    """data[key] if it is a `kind` (float: any real number but a bool, returned as float); CacheEntryError else."""
+    if key not in data:
+        raise CacheEntryError(f"no {key!r}")
+    value = data[key]
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if not ok:
+        raise CacheEntryError(f"{key!r} is {type(value).__name__} {value!r:.40}, not {kind.__name__}")
+    return float(value) if kind is float else value

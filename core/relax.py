@@ -25,12 +25,25 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from pymatgen.core import DummySpecies, Lattice, Structure
 from threadpoolctl import threadpool_limits
 
-from wyckoff_lab.core.paths import DownloadError, cache_dir, download, file_digest
+from wyckoff_lab.core.paths import (
+    DownloadError,
+    cache_dir,
+    download,
+    entry_field,
+    file_digest,
+    read_cache_entry,
+    write_cache_entry,
+)
 
 log = logging.getLogger(__name__)
 
 POTENTIALS = ("mattersim", "chgnet")
-STATUSES = ("converged", "not_converged", "exploded", "atoms_too_close", "nan_energy", "error")
+STATUSES = ("converged", "not_converged", "exploded", "atoms_too_close", "isolated_atoms", "nan_energy", "error")
+# "error" may be transient (out of memory, a CUDA hiccup): such results are never cached, so a later run retries.
+CACHEABLE_STATUSES = tuple(s for s in STATUSES if s != "error")
+# Bump when a cached result's meaning or layout changes: entries of another version are recomputed.
+# 2: entries carry this version; isolated atoms are no longer relaxed (version-1 entries may hold them "converged").
+RELAX_CACHE_VERSION = 2
 
 MATTERSIM_CHECKPOINT_ENV = "WYCKOFF_LAB_MATTERSIM_CHECKPOINT"
 MATTERSIM_CHECKPOINT_NAME = "mattersim-v1.0.0-1M.pth"
@@ -57,6 +70,10 @@ PROGRESS_EVERY_STEPS = 50  # relax() logs (INFO) how many structures are still r
 MIN_DISTANCE_A = 0.5  # closer pairs than this are unphysical: no potential is trained there
 EXPLODED_ENERGY_PER_ATOM_EV = -50.0  # real total energies are above about -15 eV/atom
 EXPLODED_VOLUME_RATIO = 5.0  # final/initial volume beyond 5x (or below 1/5x) means the cell blew up or collapsed
+# An atom with no neighbour within the potential's cutoff feels nothing: its energy is a free atom's, not a
+# crystal's, and "converged" would be meaningless. For calculators whose cutoff we do not know: CHGNet's atom-graph
+# cutoff, the larger of the two shipped potentials' (MatterSim's is 5 Å).
+ISOLATION_CUTOFF_A = 6.0
 
 
 class PotentialError(RuntimeError):
@@ -65,6 +82,10 @@ class PotentialError(RuntimeError):
 
 class PotentialUnavailableError(PotentialError):
     """A potential cannot be had on this machine (package missing, no checkpoint and offline)."""
+
+
+class DeviceError(PotentialError, ValueError):
+    """A torch device that this machine does not have (CUDA on a CPU-only machine) or that does not exist."""
 
 
 @dataclass
@@ -91,6 +112,7 @@ class LoadedPotential:
     calculator: Calculator
     evaluate: Callable[[list[Atoms], bool], list[Evaluation]]
     cacheable: bool = True  # False for arbitrary user calculators, whose parameters we cannot key on
+    cutoff: float | None = None  # Å, the model's neighbour cutoff; None: unknown (ISOLATION_CUTOFF_A is used)
 
 
 @dataclass
@@ -156,6 +178,48 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None = None) -> str:
+    """`device` checked against this machine, or default_device() for None.
+
+    Raises DeviceError (a PotentialError and a ValueError) naming what is missing: torch would otherwise fail deep
+    inside model loading with a bare AssertionError ("Torch not compiled with CUDA enabled").
+    """
+    import torch
+
+    if device is None or not str(device).strip():
+        return default_device()
+    name = str(device).strip()
+    try:
+        parsed = torch.device(name)
+    except (RuntimeError, ValueError):  # torch's message lists every device type it knows: too long to help
+        raise DeviceError(f"unknown torch device {device!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"CUDA requested (device {name!r}) but not available: {why}; use device 'cpu' "
+                              "(or give none: CUDA where available, else CPU)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DeviceError(f"CUDA device {parsed.index} requested but only {torch.cuda.device_count()} "
+                              f"GPU(s) are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"MPS requested (device {name!r}) but not available on this machine; use device 'cpu'")
+    elif parsed.type != "cpu":
+        raise DeviceError(f"device {name!r} is not supported; use cpu or cuda")
+    return name
+
+
+def check_relax_settings(fmax: float, max_steps: int) -> tuple[float, int]:
+    """(fmax, max_steps) as float and int; ValueError unless fmax is a finite number > 0 (eV/Å) and max_steps an
+    integer >= 0 (a negative one ran no step at all and gave a result without a status)."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int | np.integer) or max_steps < 0:
+        raise ValueError(f"max_steps must be an integer >= 0 (0 = single point), not {max_steps!r}")
+    if isinstance(fmax, bool) or not isinstance(fmax, int | float | np.floating | np.integer) \
+            or not math.isfinite(fmax) or fmax <= 0:
+        raise ValueError(f"fmax must be a finite number > 0 (eV/Å), not {fmax!r}")
+    return float(fmax), int(max_steps)
+
+
 _LOADED: dict[tuple[str | None, str], LoadedPotential] = {}  # in-process model cache per (potential, device)
 _FALLBACK_WARNED = False
 
@@ -168,7 +232,7 @@ def load_potential(potential: str | None = None, device: str | None = None) -> L
     explicitly raises PotentialUnavailableError instead of falling back.
     """
     global _FALLBACK_WARNED
-    device = device or default_device()
+    device = resolve_device(device)
     key = (potential, device)
     if key in _LOADED:
         return _LOADED[key]
@@ -258,7 +322,8 @@ def _load_chgnet(device: str) -> LoadedPotential:
         ]
 
     log.info("loaded CHGNet %s on %s", model.version, device)
-    return LoadedPotential("chgnet", f"chgnet:{model.version}", device, calculator, evaluate)
+    return LoadedPotential("chgnet", f"chgnet:{model.version}", device, calculator, evaluate,
+                           cutoff=float(model.graph_converter.atom_graph_cutoff))
 
 
 def _load_mattersim(device: str) -> LoadedPotential:
@@ -306,7 +371,7 @@ def _load_mattersim(device: str) -> LoadedPotential:
 
     identity = f"mattersim:{path.name}:{file_digest(path)}"
     log.info("loaded MatterSim %s on %s", path, device)
-    return LoadedPotential("mattersim", identity, device, calculator, evaluate)
+    return LoadedPotential("mattersim", identity, device, calculator, evaluate, cutoff=float(cutoff))
 
 
 def mattersim_checkpoint() -> Path:
@@ -396,8 +461,11 @@ class _Run:
         )
 
 
-def _start(structure: Structure | Atoms, relax_cell: bool) -> _Run:
-    """Set up a run; structures that cannot be relaxed come back already finished with a status."""
+def _start(structure: Structure | Atoms, relax_cell: bool, cutoff: float | None = None) -> _Run:
+    """Set up a run; structures that cannot be relaxed come back already finished with a status.
+
+    `cutoff` (Å): the potential's neighbour cutoff; an atom with no neighbour within it is "isolated_atoms".
+    """
     if isinstance(structure, Atoms):
         structure = _to_structure(structure)
     run = _Run(initial=structure, atoms=None, optimizer=None, volume0=structure.volume)
@@ -409,11 +477,22 @@ def _start(structure: Structure | Atoms, relax_cell: bool) -> _Run:
         run.finish("error", f"placeholder species {', '.join(dummies)} have no element for the potential")
     elif len(distances := structure.get_neighbor_list(MIN_DISTANCE_A)[3]):
         run.finish("atoms_too_close", f"two atoms are {distances.min():.3f} Å apart (< {MIN_DISTANCE_A} Å)")
+    elif isolated := _isolated_sites(structure, cutoff or ISOLATION_CUTOFF_A):
+        first = structure[isolated[0]]
+        run.finish("isolated_atoms", f"{len(isolated)} of {len(structure)} atom(s) (e.g. {first.species_string} at "
+                   f"site {isolated[0]}) have no neighbour within the potential's {cutoff or ISOLATION_CUTOFF_A:g} Å "
+                   "cutoff: the energy would be a free atom's, not a crystal's; shrink the cell or the vacuum")
     else:
         run.atoms = _to_atoms(structure)
         optimizable = FrechetCellFilter(run.atoms) if relax_cell else run.atoms
         run.optimizer = FIRE(optimizable, logfile=None)
     return run
+
+
+def _isolated_sites(structure: Structure, cutoff: float) -> list[int]:
+    """Indices of sites without any neighbour (periodic images included, so also their own) within cutoff Å."""
+    centers = structure.get_neighbor_list(cutoff)[0]
+    return sorted(set(range(len(structure))) - {int(i) for i in centers})
 
 
 def _evaluate(potential: LoadedPotential, atoms_list: list[Atoms], with_stress: bool) -> list[Evaluation | Exception]:
@@ -511,22 +590,34 @@ def _cache_path(
 
 
 def _load_cached(path: Path | None, structure: Structure) -> RelaxResult | None:
-    if path is None or not path.is_file():
-        return None
     t0 = time.perf_counter()
-    try:
-        data = json.loads(path.read_text())
-        final = Structure.from_dict(data.pop("final"))
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("ignoring unreadable relax cache entry %s (%s)", path, exc)
-        return None
-    return RelaxResult(initial=structure, final=final, **data, wall_time_s=time.perf_counter() - t0, cached=True)
+
+    def parse(data: dict) -> RelaxResult:
+        final = Structure.from_dict(entry_field(data, "final", dict))
+        if list(final.atomic_numbers) != list(structure.atomic_numbers):  # final is bare elements, no charges
+            raise ValueError("its final structure has other atoms than the one to relax")
+        status = entry_field(data, "status", str)
+        if status not in CACHEABLE_STATUSES:
+            raise ValueError(f"status {status!r} is not one of {', '.join(CACHEABLE_STATUSES)}")
+        steps = entry_field(data, "steps", int)
+        if steps < 0:
+            raise ValueError(f"steps {steps} < 0")
+        return RelaxResult(
+            initial=structure, final=final, status=status, steps=steps,
+            **{k: entry_field(data, k, float) for k in ("energy", "energy_per_atom", "max_force", "rmsd_to_start")},
+            **{k: entry_field(data, k, str) for k in ("message", "potential", "potential_identity")},
+            wall_time_s=time.perf_counter() - t0, cached=True,
+        )
+
+    return read_cache_entry(path, RELAX_CACHE_VERSION, parse, "relax cache entry")
 
 
 def _store_cached(path: Path | None, result: RelaxResult) -> None:
-    if path is None or result.status == "error":  # errors may be transient (out of memory): do not pin them
+    # Only what a rerun would give again: errors may be transient (out of memory), and a status outside STATUSES
+    # (a run that never finished) is no result at all.
+    if path is None or result.status not in CACHEABLE_STATUSES:
         return
-    data = {
+    write_cache_entry(path, RELAX_CACHE_VERSION, {
         "energy": result.energy,
         "energy_per_atom": result.energy_per_atom,
         "steps": result.steps,
@@ -537,11 +628,16 @@ def _store_cached(path: Path | None, result: RelaxResult) -> None:
         "potential_identity": result.potential_identity,
         "rmsd_to_start": result.rmsd_to_start,
         "final": result.final.as_dict(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.part")
-    partial.write_text(json.dumps(data))
-    partial.replace(path)  # atomic: a reader never sees half a file
+    })
+
+
+def cached_flags(
+    structures: Iterable[Structure], potential: LoadedPotential, fmax: float = 0.05, max_steps: int = 500,
+    relax_cell: bool = True,
+) -> list[bool]:
+    """Per structure, whether relax() with these settings has a cache entry for it (a quick look, not a read)."""
+    paths = [_cache_path(s, potential, fmax, max_steps, relax_cell) for s in structures]
+    return [path is not None and path.is_file() for path in paths]
 
 
 def relax(
@@ -557,14 +653,19 @@ def relax(
 
     fmax in eV/Å; max_steps FIRE steps (0 = single point). All unfinished structures are evaluated together each
     step (batched for CHGNet and MatterSim). Never raises for a bad structure: its result carries a status.
-    Results are cached on disk (cache_dir()/relax) per structure, potential identity and settings.
+    Results are cached on disk (cache_dir()/relax) per structure, potential identity and settings. Raises
+    ValueError for settings out of range and DeviceError for a device this machine lacks.
     """
+    fmax, max_steps = check_relax_settings(fmax, max_steps)
     if isinstance(structures, Structure | Atoms):
         structures = [structures]
     pot = resolve_potential(potential, device)
-    runs = [_start(s, relax_cell) for s in structures]
+    runs = [_start(s, relax_cell, pot.cutoff) for s in structures]
     results: list[RelaxResult | None] = [None] * len(runs)
-    paths = [_cache_path(run.initial, pot, fmax, max_steps, relax_cell) if cache else None for run in runs]
+    # Structures _start already judged (too close, isolated) need no cache: that check is instant, and it must win
+    # over an entry an older version wrote for them.
+    paths = [_cache_path(run.initial, pot, fmax, max_steps, relax_cell) if cache and run.status is None else None
+             for run in runs]
     for i, run in enumerate(runs):
         results[i] = _load_cached(paths[i], run.initial)
         if results[i] is not None:
@@ -606,9 +707,10 @@ def relax_frames(
 
     Same loop, settings and cache as relax(); a cache hit yields just the final frame.
     """
+    fmax, max_steps = check_relax_settings(fmax, max_steps)
     pot = resolve_potential(potential, device)
-    run = _start(structure, relax_cell)
-    path = _cache_path(run.initial, pot, fmax, max_steps, relax_cell) if cache else None
+    run = _start(structure, relax_cell, pot.cutoff)
+    path = _cache_path(run.initial, pot, fmax, max_steps, relax_cell) if cache and run.status is None else None
     result = _load_cached(path, run.initial)
     if result is None:
         for run in _fire([run], pot, fmax, max_steps, relax_cell):

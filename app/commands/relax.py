@@ -37,11 +37,24 @@ def read_structure(path: Path):
     return structure
 
 
-def run(args: argparse.Namespace) -> int:
-    from wyckoff_lab.core.relax import POTENTIALS, PotentialError, relax
+def check_settings(args: argparse.Namespace) -> None:
+    """--potential, --fmax and --max-steps of relax and hull, checked before anything is loaded."""
+    import math
+
+    from wyckoff_lab.core.relax import POTENTIALS
 
     if args.potential is not None and args.potential not in POTENTIALS:
         raise CommandError(f"unknown potential {args.potential!r}; choose one of {', '.join(POTENTIALS)}")
+    if args.max_steps < 0:
+        raise CommandError(f"--max-steps must be >= 0 (0 = single point), not {args.max_steps}")
+    if not (math.isfinite(args.fmax) and args.fmax > 0):
+        raise CommandError(f"--fmax must be a finite number > 0 (eV/Å), not {args.fmax}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from wyckoff_lab.core.relax import PotentialError, relax
+
+    check_settings(args)
     structure = read_structure(args.file)
     try:
         (result,) = relax(

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import warnings
-import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,16 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from wyckoff_lab.core.paths import DataUnavailableError, cache_dir, fetch_split, file_digest, find_split_file
+from wyckoff_lab.core.paths import (
+    DataUnavailableError,
+    cache_dir,
+    entry_field,
+    fetch_split,
+    file_digest,
+    find_split_file,
+    read_cache_entry,
+    write_cache_entry,
+)
 from wyckoff_lab.core.parallel import parallel_map
 from wyckoff_lab.core.symmetry import quiet_spglib
 
@@ -31,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the parsed content or the cache layout changes: older cache files are then rebuilt.
 CACHE_VERSION = 1
+# Likewise for the symmetry / size statistics of a reference set (1: entries carry this version).
+REFERENCE_STATS_VERSION = 1
 # Tolerance (Å) for space groups the CSV lacks; MP-20's own rebuilt rows were labelled with the same value.
 SPACEGROUP_SYMPREC = 0.1
 # A worker process is only worth starting for at least this many CIFs or hull patches.
@@ -76,8 +86,21 @@ class DatasetSpec:
         present = tuple(s for s in self.optional_splits if find_split_file(self.folder, self._stem(s)) is not None)
         return self.splits + present
 
+    def split_names(self) -> tuple[str, ...]:
+        """Every split name load_dataset takes: the required and optional splits, and "all"."""
+        return tuple(dict.fromkeys(self.splits + self.optional_splits + ("all",)))
+
+    def check_split(self, split: str) -> None:
+        """ValueError naming the splits that exist unless `split` is one (before anything tries to download it)."""
+        if split not in self.split_names():
+            raise ValueError(f"{self.name} has no split {split!r}; choose from {', '.join(self.split_names())}")
+
     def source_file(self, split: str) -> Path:
         """The local CSV of a split, downloaded on first use where a public copy exists."""
+        if split not in self.splits + self.optional_splits:
+            # Without this an unknown name became a download URL ("<host>/mp_20/foo.csv") and a network error.
+            choices = ", ".join(self.splits + self.optional_splits)
+            raise ValueError(f"{self.name} has no split {split!r} with a file of its own; choose from {choices}")
         return fetch_split(self.folder, self._stem(split))
 
     def _stem(self, split: str) -> str:
@@ -243,6 +266,14 @@ class CrystalDataset:
         )
 
 
+def dataset_spec(name: str) -> DatasetSpec:
+    """The spec of a dataset by name; ValueError naming the datasets that exist otherwise."""
+    spec = DATASETS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return spec
+
+
 def load_dataset(
     name: str, split: str = "all", *, progress: bool = False, workers: int | None = None
 ) -> CrystalDataset:
@@ -251,17 +282,13 @@ def load_dataset(
     Missing required splits are downloaded where a public copy exists (DataUnavailableError otherwise).
     For MP-20, `e_above_hull` is replaced by `mp20_e_above_hull()`, a hull of MP-20's own formation energies.
     """
-    spec = DATASETS.get(name)
-    if spec is None:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    spec = dataset_spec(name)
+    spec.check_split(split)
     if split in spec.splits + spec.optional_splits:
         dataset = _load_split(spec, split, progress=progress, workers=workers)
     elif split == "all":
         parts = [_load_split(spec, s, progress=progress, workers=workers) for s in spec.available_splits()]
         dataset = CrystalDataset.concatenate(name, split, parts)
-    else:
-        choices = dict.fromkeys(spec.splits + spec.optional_splits + ("all",))
-        raise ValueError(f"{name} has no split {split!r}; choose from {', '.join(choices)}")
     if spec.recompute_hull:
         hull = mp20_e_above_hull(progress=progress, workers=workers)
         dataset.frame["e_above_hull"] = dataset.frame["material_id"].map(hull)
@@ -397,18 +424,61 @@ def _read_cache(path: Path, name: str, split: str) -> CrystalDataset | None:
         with np.load(path, allow_pickle=False) as data:
             if int(data["version"]) != CACHE_VERSION:
                 return None
+            failures = json.loads(str(data["failures"]))
+            frame = pd.read_parquet(io.BytesIO(data["frame"].tobytes()))
+            if not isinstance(failures, dict) or not set(FRAME_COLUMNS) <= set(frame.columns):
+                raise ValueError("failures or frame columns do not match the cache layout")
             return CrystalDataset(
                 name,
                 split,
-                pd.read_parquet(io.BytesIO(data["frame"].tobytes())),
+                frame,
                 lattices=data["lattices"],
                 frac_coords=data["frac_coords"],
                 atomic_numbers=data["atomic_numbers"],
                 offsets=data["offsets"],
-                failures=json.loads(str(data["failures"])),
+                failures=failures,
             )
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except Exception:  # noqa: BLE001 - a damaged file can make numpy, zipfile or pyarrow raise nearly anything
         return None
+
+
+def reference_stats(dataset: CrystalDataset, symprec: float, progress: bool = False):
+    """The metrics' ReferenceStats (symmetry, sizes, densities) of a dataset, cached per content and symprec.
+
+    Symmetry of ~27k reference crystals takes minutes, so it is kept, keyed by the structures' exact content; an
+    entry that does not read back as ReferenceStats of this dataset is recomputed with a warning.
+    """
+    from wyckoff_lab.core.metrics import ReferenceStats, SymmetryInfo, analyze_symmetry
+
+    digest = hashlib.sha256()
+    for array in (dataset.lattices, dataset.frac_coords, dataset.atomic_numbers, dataset.offsets):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    name = f"reference_{dataset.name}_{dataset.split}_sym{symprec:g}_{digest.hexdigest()[:16]}.json.gz"
+    path = cache_dir() / "metrics" / name
+
+    def parse(data: dict) -> ReferenceStats:
+        symmetry, num_atoms, densities = (entry_field(data, k, list) for k in ("symmetry", "num_atoms", "densities"))
+        if not len(symmetry) == len(num_atoms) == len(densities) == len(dataset):
+            raise ValueError(f"{len(symmetry)}/{len(num_atoms)}/{len(densities)} values for {len(dataset)} crystals")
+        if entry_field(data, "symprec", float) != symprec:
+            raise ValueError(f"symprec {data['symprec']} is not {symprec}")
+        for sg, letters in symmetry:  # unpacking also rejects rows that are not pairs
+            if not (sg is None or isinstance(sg, int) and not isinstance(sg, bool)) or not isinstance(letters, list) \
+                    or not all(isinstance(letter, str) for letter in letters):
+                raise ValueError(f"symmetry row {[sg, letters]!r:.60} is not [space group, [Wyckoff letters]]")
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in num_atoms) or \
+                not all(isinstance(d, int | float) and not isinstance(d, bool) for d in densities):
+            raise ValueError("num_atoms or densities hold non-numbers")
+        return ReferenceStats([SymmetryInfo.from_list(x) for x in symmetry], num_atoms,
+                              [float(d) for d in densities], symprec)
+
+    stats = read_cache_entry(path, REFERENCE_STATS_VERSION, parse, "reference statistics cache entry")
+    if stats is None:
+        structures = dataset.structures
+        infos = analyze_symmetry(structures, symprec, progress=progress)
+        stats = ReferenceStats(infos, [len(s) for s in structures], [float(s.density) for s in structures], symprec)
+        write_cache_entry(path, REFERENCE_STATS_VERSION, stats.as_dict())
+    return stats
 
 
 def mp20_e_above_hull(
@@ -439,9 +509,13 @@ def _cached_hull(name: str, sources: Sequence[Path], compute) -> pd.Series:
     path = cache_dir() / "datasets" / f"{name}_e_above_hull_{key}.parquet"
     if path.exists():
         try:
-            return pd.read_parquet(path)["e_above_hull"]
-        except (OSError, ValueError, KeyError):
-            log.warning("hull cache %s is unreadable; recomputing it", path)
+            hull = pd.read_parquet(path)["e_above_hull"]
+            if not pd.api.types.is_float_dtype(hull) or not hull.index.is_unique:
+                raise ValueError(f"e_above_hull is {hull.dtype} with {'unique' if hull.index.is_unique else 'repeated'}"
+                                 " ids, not float by unique material_id")
+            return hull
+        except Exception as exc:  # noqa: BLE001 - pyarrow's errors for a damaged file are of many types
+            log.warning("hull cache %s is unreadable (%s); recomputing it", path, exc)
     hull = compute().groupby(level=0).min()  # CDVAE's MP-20 repeats 2 ids across splits; map() needs unique ids
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.part")

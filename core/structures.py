@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from pymatgen.core import Structure
 
+log = logging.getLogger(__name__)
+
 STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar", ".extxyz", ".xyz", ".json")
+MAX_NAMED_SKIPS = 20  # skipped files are all returned, but only this many get a warning line of their own
 
 
 class StructureInputError(ValueError):
@@ -78,6 +83,42 @@ def read_structures(path) -> list[tuple[str, Structure]]:
         return [(f"{path.name}#{i}", check_structure(AseAtomsAdaptor.get_structure(a), f"{path.name}#{i}"))
                 for i, a in enumerate(frames)]
     return [(path.name, read_structure(path))]
+
+
+def read_input_files(
+    path, suffixes: Sequence[str] = STRUCTURE_SUFFIXES, reader: Callable[[Path], list] | None = None
+) -> tuple[list, list[dict]]:
+    """What `reader` makes of every file with one of `suffixes` in a folder (sorted by name), or of one file,
+    and the files it could not read as {'file', 'reason'}: skipped, each named in a warning.
+
+    The one reader of candidate folders for `hull --candidates` and `evaluate --input`: a single corrupt file costs
+    that file, never the run. `reader(file)` returns a list of items (default `read_structures`: (name, Structure)
+    pairs) and raises StructureInputError or OSError for a file it cannot use. Raises StructureInputError when the
+    folder holds no such file, or when no file is usable.
+    """
+    path = Path(path)
+    reader = reader or read_structures
+    suffixes = tuple(s.lower() for s in suffixes)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        if not files:
+            raise StructureInputError(f"{path} holds no structure files ({', '.join(sorted(set(suffixes)))})")
+    else:
+        files = [path]
+    items, skipped = [], []
+    for file in files:
+        try:
+            items.extend(reader(file))
+        except (StructureInputError, OSError) as exc:
+            skipped.append({"file": file.name, "reason": str(exc)})
+    for failure in skipped[:MAX_NAMED_SKIPS]:
+        log.warning("skipped %s: %s", failure["file"], failure["reason"])
+    if len(skipped) > MAX_NAMED_SKIPS:
+        log.warning("skipped %d more unreadable file(s) in %s", len(skipped) - MAX_NAMED_SKIPS, path)
+    if not items:
+        detail = "; ".join(f["reason"] for f in skipped[:3])
+        raise StructureInputError(f"no usable structure in {path} ({len(skipped)} file(s) failed: {detail})")
+    return items, skipped
 
 
 def primitive_cell(structure: Structure, tolerance: float = 0.01) -> Structure:

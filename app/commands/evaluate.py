@@ -87,34 +87,20 @@ def _read_file(path: Path) -> list[tuple[str, object, dict]]:
 def read_inputs(path: Path) -> tuple[list[str], list, list[dict], list[dict]]:
     """Names, structures, per-structure extras and per-file failures ({'file', 'reason'}) of an input path.
 
-    A bad file (unreadable, disordered, empty) is counted and skipped; only an input with no usable structure at
-    all is an error.
+    A bad file (unreadable, disordered, empty) is counted, named in a warning and skipped (the reader `hull
+    --candidates` shares); only an input with no usable structure at all is an error.
     """
-    from wyckoff_lab.core.structures import STRUCTURE_SUFFIXES, StructureInputError
+    from wyckoff_lab.core.structures import STRUCTURE_SUFFIXES, StructureInputError, read_input_files
 
     if not path.exists():
         raise CommandError(f"{path}: no such file or folder")
-    suffixes = tuple(STRUCTURE_SUFFIXES) + JSON_SUFFIXES
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
-        if not files:
-            raise CommandError(f"{path} holds no structure files ({', '.join(sorted(set(suffixes)))})")
-    else:
-        files = [path]
-    names, structures, extras, failures = [], [], [], []
-    for file in files:
-        try:
-            records = _read_file(file)
-        except (StructureInputError, OSError) as exc:
-            failures.append({"file": file.name, "reason": str(exc)})
-            continue
-        for name, structure, extra in records:
-            names.append(name)
-            structures.append(structure)
-            extras.append(extra)
-    if not structures:
-        detail = "; ".join(f["reason"] for f in failures[:3])
-        raise CommandError(f"no usable structure in {path} ({len(failures)} file(s) failed: {detail})")
+    try:
+        records, failures = read_input_files(path, tuple(STRUCTURE_SUFFIXES) + JSON_SUFFIXES, _read_file)
+    except StructureInputError as exc:
+        raise CommandError(str(exc)) from None
+    names = [name for name, _, _ in records]
+    structures = [structure for _, structure, _ in records]
+    extras = [extra for _, _, extra in records]
     return names, structures, extras, failures
 
 
@@ -157,36 +143,10 @@ def intended_spacegroups(args, names: list[str], extras: list[dict]) -> list | N
 
 def load_reference(name: str, split: str, symprec: float, progress: bool):
     """Reference structures and their (cached) symmetry / size statistics."""
-    import gzip
-    import hashlib
-
-    import numpy as np
-
-    from wyckoff_lab.core.datasets import load_dataset
-    from wyckoff_lab.core.metrics import ReferenceStats, analyze_symmetry
-    from wyckoff_lab.core.paths import cache_dir
+    from wyckoff_lab.core.datasets import load_dataset, reference_stats
 
     dataset = load_dataset(name, split, progress=progress)
-    structures = dataset.structures
-    # Symmetry of ~27k reference crystals takes minutes: keep it, keyed by the structures' exact content.
-    digest = hashlib.sha256()
-    for array in (dataset.lattices, dataset.frac_coords, dataset.atomic_numbers, dataset.offsets):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    path = cache_dir() / "metrics" / f"reference_{name}_{split}_sym{symprec:g}_{digest.hexdigest()[:16]}.json.gz"
-    if path.exists():
-        try:
-            with gzip.open(path, "rt") as f:
-                return structures, ReferenceStats.from_dict(json.load(f))
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
-    infos = analyze_symmetry(structures, symprec, progress=progress)
-    stats = ReferenceStats(infos, [len(s) for s in structures], [float(s.density) for s in structures], symprec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    with gzip.open(partial, "wt") as f:
-        json.dump(stats.as_dict(), f)
-    partial.replace(path)
-    return structures, stats
+    return dataset.structures, reference_stats(dataset, symprec, progress=progress)
 
 
 # -- relaxation and hull -------------------------------------------------------------------------------------------

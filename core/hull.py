@@ -6,10 +6,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,17 +18,29 @@ from ase.data import covalent_radii
 from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Element, Lattice, Structure
 
-from wyckoff_lab.core.paths import cache_dir, file_digest
-from wyckoff_lab.core.relax import LoadedPotential, RelaxResult, relax, resolve_potential
+from wyckoff_lab.core.paths import cache_dir, entry_field, file_digest, read_cache_entry, write_cache_entry
+from wyckoff_lab.core.relax import (
+    STATUSES,
+    LoadedPotential,
+    RelaxResult,
+    cached_flags,
+    check_relax_settings,
+    relax,
+    resolve_potential,
+)
 
 log = logging.getLogger(__name__)
 
-HULL_CACHE_VERSION = 1
+# 2: entries carry this version, and only hulls whose every reference relaxation succeeded are cached.
+HULL_CACHE_VERSION = 2
 DEFAULT_MAX_REFERENCES = 3
 USABLE_STATUSES = ("converged", "not_converged")  # an unconverged relaxation still gives an upper-bound energy
 # Elements that form diatomic molecules; an fcc crystal of single atoms would be a far too high reference for them.
 DIATOMIC = ("H", "N", "O", "F", "Cl", "Br", "I")
 MOLECULE_BOX_A = 7.0  # cubic box edge for an isolated dimer: longer than CHGNet's and MatterSim's 5 Å cutoffs allow
+# Wall time per reference relaxation not yet cached, for the estimate before a build: `bench sun` relaxed ~4,500
+# MP-20 references (≤ 500 FIRE steps, CHGNet) in 92 min on the 2-core CPU. A GPU is faster; not measured here.
+SECONDS_PER_REFERENCE_CPU = 1.2
 
 
 class InconsistentEnergiesError(ValueError):
@@ -62,6 +73,29 @@ class ReferencePhase:
     @property
     def energy_per_atom(self) -> float:
         return self.energy / len(self.structure)
+
+
+@dataclass(frozen=True)
+class HullPlan:
+    """What a hull build is about to do, told before it starts relaxing (see `HullReference.build(before_relax=)`)."""
+
+    elements: tuple[str, ...]
+    n_references: int  # reference structures to relax (dataset phases and elemental stand-ins)
+    n_uncached: int  # of those, how many have no relaxation in the cache yet
+    device: str
+
+    @property
+    def estimated_s(self) -> float:
+        """Rough wall time of the uncached relaxations (SECONDS_PER_REFERENCE_CPU each; a GPU is faster)."""
+        return self.n_uncached * SECONDS_PER_REFERENCE_CPU
+
+    def describe(self) -> str:
+        """One line for the user: how many relaxations, how many new, and about how long."""
+        minutes = self.estimated_s / 60
+        when = f"about {minutes:.0f} min" if minutes >= 1 else f"about {self.estimated_s:.0f} s"
+        where = "on CPU" if self.device == "cpu" else f"at CPU speed (faster on {self.device})"
+        return (f"hull {'-'.join(self.elements)}: {self.n_references} reference relaxations, {self.n_uncached} not "
+                f"cached yet ({when} {where})")
 
 
 @dataclass
@@ -180,19 +214,22 @@ class HullReference:
         relax_cell: bool = True,
         device: str | None = None,
         cache: bool = True,
+        before_relax: Callable[[HullPlan], None] | None = None,
     ) -> HullReference:
         """Relax the dataset's phases within `elements` (all subsystems, elements included) and build the hull.
 
         Elements without a dataset phase get a built stand-in (see `elemental_structure`). `max_references` keeps
         the N lowest-DFT-formation-energy polymorphs per formula (None = all). Reference energies are cached per
-        (chemical system, dataset files, max_references, potential identity, relaxation settings).
+        (chemical system, dataset files, max_references, potential identity, relaxation settings), but only when
+        every reference relaxation succeeded: a failure may be transient, and a later build must retry it.
+        `before_relax(plan)` is called before any reference is relaxed (not for a cached hull); it may raise to stop.
         """
-        from wyckoff_lab.core.datasets import DATASETS
+        from wyckoff_lab.core.datasets import dataset_spec
 
         t0 = time.perf_counter()
         elements = _parse_elements(elements)
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+        dataset_spec(dataset).check_split(split)  # before anything can try to download a split that does not exist
+        fmax, max_steps = check_relax_settings(fmax, max_steps)
         pot = resolve_potential(potential, device)
         settings = HullSettings(pot.identity, fmax, max_steps, relax_cell)
         path = _hull_cache_path(elements, dataset, split, max_references, settings) if cache and pot.cacheable else None
@@ -207,6 +244,10 @@ class HullReference:
                     structure, note = elemental_structure(symbol)
                     log.info("no %s phase in %s/%s: using %s", symbol, dataset, split, note)
                     candidates.append((structure, symbol, note, math.nan))
+            if before_relax is not None:
+                cached = cached_flags([c[0] for c in candidates], pot, fmax, max_steps, relax_cell) if cache \
+                    else [False] * len(candidates)
+                before_relax(HullPlan(elements, len(candidates), len(candidates) - sum(cached), pot.device))
             t_relax = time.perf_counter()
             results = relax([c[0] for c in candidates], pot, fmax, max_steps, relax_cell, cache=cache)
             relax_time_s = time.perf_counter() - t_relax
@@ -214,8 +255,19 @@ class HullReference:
                 ReferencePhase(formula, source, ef, r.status, r.energy, r.final)
                 for (_, formula, source, ef), r in zip(candidates, results)
             ]
-            _write_references(path, references)
         diagram = _phase_diagram(elements, references)
+        if not from_cache:
+            failed = [r for r in references if r.status not in USABLE_STATUSES]
+            if failed:
+                # Left out of this hull, but not pinned: the next build retries them. The relax cache keeps the
+                # deterministic failures (exploded, ...), so that costs only the "error"s, which may have been
+                # passing (out of memory): those are worth a warning, the others are the same every time.
+                level = logging.WARNING if any(r.status == "error" for r in failed) else logging.INFO
+                log.log(level, "%d of %d reference relaxations failed (%s); this %s hull is not cached", len(failed),
+                        len(references), ", ".join(f"{r.formula} {r.source}: {r.status}" for r in failed[:5]),
+                        "-".join(elements))
+            else:
+                _write_references(path, references)
         return cls(elements, pot, settings, references, diagram, relax_time_s, time.perf_counter() - t0, from_cache)
 
     def e_above_hull(self, candidates: Iterable[Structure | RelaxResult]) -> list[HullPoint]:
@@ -301,23 +353,28 @@ def _phase_diagram(elements: Sequence[str], references: list[ReferencePhase]) ->
 
 
 def _read_references(path: Path | None) -> list[ReferencePhase] | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        rows = json.loads(path.read_text())
-        return [
-            ReferencePhase(r["formula"], r["source"], r["dft_formation_energy_per_atom"], r["status"], r["energy"],
-                           Structure.from_dict(r["structure"]))
-            for r in rows
-        ]
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("ignoring unreadable hull cache %s (%s)", path, exc)
-        return None
+    def parse(data: dict) -> list[ReferencePhase]:
+        rows = entry_field(data, "references", list)
+        if not rows:
+            raise ValueError("no references")
+        references = []
+        for row in rows:
+            if not isinstance(row, dict):
+                raise ValueError(f"a reference is a {type(row).__name__}, not an object")
+            status = entry_field(row, "status", str)
+            if status not in USABLE_STATUSES:  # such hulls are never written: this one is not ours
+                raise ValueError(f"reference status {status!r}" + ("" if status in STATUSES else " is unknown"))
+            references.append(ReferencePhase(
+                entry_field(row, "formula", str), entry_field(row, "source", str),
+                entry_field(row, "dft_formation_energy_per_atom", float), status, entry_field(row, "energy", float),
+                Structure.from_dict(entry_field(row, "structure", dict)),
+            ))
+        return references
+
+    return read_cache_entry(path, HULL_CACHE_VERSION, parse, "hull cache entry")
 
 
 def _write_references(path: Path | None, references: list[ReferencePhase]) -> None:
-    if path is None:
-        return
     rows = [
         {
             "formula": r.formula,
@@ -329,7 +386,4 @@ def _write_references(path: Path | None, references: list[ReferencePhase]) -> No
         }
         for r in references
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.part")
-    partial.write_text(json.dumps(rows))
-    partial.replace(path)
+    write_cache_entry(path, HULL_CACHE_VERSION, {"references": rows})

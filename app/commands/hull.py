@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from wyckoff_lab.app.cli import CommandError, emit
+
+# More reference relaxations not yet cached than this need --yes: six elements mean ~400 of them, which run for
+# tens of minutes on a CPU.
+CONFIRM_ABOVE_UNCACHED = 50
 
 
 def register(subparsers) -> None:
@@ -20,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--fmax", type=float, default=0.05, help="force convergence threshold, eV/Å (default 0.05)")
     p.add_argument("--max-steps", type=int, default=500, help="maximum FIRE steps per relaxation (default 500)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--yes", action="store_true",
+                   help=f"start even if more than {CONFIRM_ABOVE_UNCACHED} reference relaxations are not cached yet")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -29,29 +36,45 @@ def run(args: argparse.Namespace) -> int:
 
     from pymatgen.core import Element
 
-    from wyckoff_lab.app.commands.relax import read_structure
-    from wyckoff_lab.core.hull import HullReference
-    from wyckoff_lab.core.relax import POTENTIALS, PotentialError
+    from wyckoff_lab.app.commands.relax import check_settings
+    from wyckoff_lab.core.datasets import dataset_spec
+    from wyckoff_lab.core.hull import HullPlan, HullReference
+    from wyckoff_lab.core.relax import PotentialError
+    from wyckoff_lab.core.structures import StructureInputError, read_input_files
 
     t0 = time.perf_counter()
     elements = [e.strip() for e in args.elements.split(",") if e.strip()]
     unknown = [e for e in elements if not Element.is_valid_symbol(e)]
     if unknown or not elements:
         raise CommandError(f"unknown element(s) in --elements {args.elements!r}: {', '.join(unknown) or 'none given'}")
-    if args.potential is not None and args.potential not in POTENTIALS:
-        raise CommandError(f"unknown potential {args.potential!r}; choose one of {', '.join(POTENTIALS)}")
-    files = []
+    check_settings(args)
+    if args.max_references < 0:
+        raise CommandError(f"--max-references must be >= 0 (0 = all), not {args.max_references}")
+    try:
+        dataset_spec(args.dataset).check_split(args.split)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    files, structures, skipped = [], [], []
     if args.candidates is not None:
         if not args.candidates.is_dir():
             raise CommandError(f"--candidates {args.candidates}: not a folder")
-        files = sorted(args.candidates.glob("*.cif"))
-        if not files:
-            raise CommandError(f"--candidates {args.candidates}: no *.cif files")
-    structures = [read_structure(f) for f in files]
+        try:
+            # The reader `evaluate` uses too: an unreadable CIF is skipped and named, never the end of the run.
+            pairs, skipped = read_input_files(args.candidates, (".cif",))
+        except StructureInputError as exc:
+            raise CommandError(f"--candidates {args.candidates}: {exc}") from None
+        files = [args.candidates / name for name, _ in pairs]
+        structures = [structure for _, structure in pairs]
     for f, s in zip(files, structures):
         outside = {str(el) for el in s.composition.elements} - set(elements)
         if outside:
             raise CommandError(f"{f}: contains {', '.join(sorted(outside))}, not in --elements {args.elements}")
+
+    def confirm(plan: HullPlan) -> None:
+        if plan.n_uncached > CONFIRM_ABOVE_UNCACHED and not args.yes:
+            raise CommandError(f"{plan.describe()}; more than {CONFIRM_ABOVE_UNCACHED} new relaxations: pass --yes "
+                               "to start them (or fewer elements, or a smaller --max-references)")
+        print(plan.describe(), file=sys.stderr)  # stderr: --json keeps stdout to the one JSON object
 
     try:
         hull = HullReference.build(
@@ -63,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             fmax=args.fmax,
             max_steps=args.max_steps,
             device=args.device,
+            before_relax=confirm,
         )
         t_candidates = time.perf_counter()
         points = hull.e_above_hull(structures)
@@ -83,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         }
         for f, p in zip(files, points)
     ]
+    summary["skipped"] = skipped
     summary["candidate_time_s"] = candidate_time_s
     summary["wall_time_s"] = time.perf_counter() - t0
     emit(summary, args.json, _text(summary))
@@ -115,4 +140,5 @@ def _text(summary: dict) -> str:
                 f"{Path(c['file']).name:<30}{c['formula']:<12}{num(c['energy_per_atom_eV']):>11}"
                 f"{num(c['e_above_hull_eV']):>11}  {decomposition}{status}"
             )
+    lines += [f"skipped {f['file']}: {f['reason']}" for f in summary["skipped"]]
     return "\n".join(lines)

@@ -84,6 +84,36 @@ def check_template(composition, spacegroup_number: int, template=(), max_atoms: 
     return TemplateCheck(False, failures)
 
 
+def parse_template(text: str | None, spacegroup_number: int | None = None) -> tuple[tuple[str, str], ...]:
+    """'Ca:2a,Cu:4d' -> (('Ca', '2a'), ('Cu', '4d')); with a space group every label is checked against it
+    (`wyckoff_position`). ValueError, with what is wrong, for anything else."""
+    if not text:
+        return ()
+    pairs = []
+    for item in text.split(","):
+        element, sep, label = item.strip().partition(":")
+        if not sep or not element.strip() or not label.strip():
+            raise ValueError(f"template entries look like Element:label (e.g. Ca:2a), got {item!r}")
+        pairs.append((element.strip(), label.strip()))
+    if spacegroup_number is not None:
+        group = spacegroup(spacegroup_number)
+        for _, label in pairs:
+            wyckoff_position(group, label)
+    return tuple(pairs)
+
+
+def wyckoff_position(group: SpaceGroupInfo | int, label: str) -> WyckoffPosition:
+    """The Wyckoff position `label` ('4a' or 'a') of a space group, or a ValueError naming the positions it has
+    (a ValueError, not the KeyError of `SpaceGroupInfo.wyckoff`, so callers report it as a bad input)."""
+    group = spacegroup(group) if isinstance(group, int) else group
+    try:
+        return group.wyckoff(str(label))
+    except KeyError:
+        labels = ", ".join(wp.label for wp in reversed(group.wyckoff_positions))
+        raise ValueError(f"space group {group.number} ({group.symbol}) has no Wyckoff position {label!r}; its "
+                         f"Wyckoff positions are {labels}") from None
+
+
 def _parse_composition(composition, reasons: list[str]) -> Composition:
     if isinstance(composition, Composition):
         comp = composition
@@ -111,9 +141,9 @@ def _parse_template(template, group: SpaceGroupInfo, comp: Composition, reasons:
             reasons.append(f"unknown element {element!r} in the template")
             continue
         try:
-            wp = group.wyckoff(label)
-        except KeyError as exc:
-            reasons.append(exc.args[0])
+            wp = wyckoff_position(group, label)
+        except ValueError as exc:
+            reasons.append(str(exc))
             continue
         if comp and element not in elements:
             reasons.append(f"the template puts {element} on {wp.label} but {element} is not in {comp.formula}")

@@ -60,11 +60,13 @@ class Conditions:
                                  f"{'-'.join(self.elements)}")
         if self.spacegroup is not None:
             object.__setattr__(self, "spacegroup", spacegroup(self.spacegroup).number)
+        from wyckoff_lab.core.templates import wyckoff_position
+
         template = tuple((str(el), str(label)) for el, label in self.template)
         for el, label in template:
             _element(el)
             if self.spacegroup is not None:
-                spacegroup(self.spacegroup).wyckoff(label)
+                wyckoff_position(spacegroup(self.spacegroup), label)  # a ValueError naming the group's positions
         if template and self.spacegroup is None:
             raise ValueError("a Wyckoff template needs a space group")
         system = self.chemical_system
@@ -159,6 +161,29 @@ class GenerationResult:
     seconds: float = 0.0
     rejected: dict[str, int] = field(default_factory=dict)
     ranked_out: int = 0
+
+
+# What each failure reason a generator counts means, for a user whose run made nothing.
+FAILURE_REASONS = {
+    "dead_end": "constrained decoding reached a point where no token keeps the conditions satisfiable (e.g. the "
+                "composition or template cannot be completed within the atom limit)",
+    "max_len": "the sequence reached the model's maximum length before it was complete",
+    "degenerate_cell": "the sampled cell was degenerate (volume below 1 Å^3 per atom, or impossible angles)",
+    "decode": "the sampled sequence did not decode into a crystal",
+    "pyxtal_failed": "PyXtal found no arrangement of the atoms on the chosen Wyckoff positions",
+    "no_feasible_spacegroup": "no space group's Wyckoff multiplicities add up to the composition within the atom "
+                              "limit",
+    "no_charge_balanced_composition": "no charge-balanced composition of the elements fits within the atom limit",
+}
+
+
+def describe_failure(reason: str) -> str:
+    """A failure reason in words ('decode: <detail>' keeps its detail); unknown reasons as they are."""
+    key, _, detail = reason.partition(": ")
+    text = FAILURE_REASONS.get(key)
+    if text is None:
+        return reason
+    return f"{text} ({detail})" if detail else text
 
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)

@@ -19,9 +19,29 @@ class CommandError(Exception):
 def emit(result: Any, as_json: bool, text: str | None = None) -> None:
     """Print a command's result: JSON when asked, otherwise the given human text (or pretty JSON)."""
     if as_json:
-        print(json.dumps(result, indent=None, default=_json_default))
+        print(json.dumps(_finite(result), indent=None, allow_nan=False, default=_json_default))
     else:
-        print(text if text is not None else json.dumps(result, indent=2, default=_json_default))
+        print(text if text is not None else json.dumps(_finite(result), indent=2, allow_nan=False,
+                                                        default=_json_default))
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities (numpy's too) as None: JSON has no such numbers, and `NaN` breaks readers."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(obj: Any) -> Any:

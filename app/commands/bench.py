@@ -8,6 +8,7 @@ ternary systems a generator finds within a sampling budget (the Al-Ca-Cu experim
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -98,6 +99,8 @@ def run_generate(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()
     generators = load_generators(names, raw_transformer=args.no_resample, weights=args.weights,
                                  oversample=args.oversample)
+    if _nothing_to_run("generate", generators, args.json):
+        return 1
     try:
         train, test_stats = load_references(args.symprec, progress, generators)
     except DataUnavailableError as exc:
@@ -116,7 +119,29 @@ def run_generate(args: argparse.Namespace) -> int:
             str(t): bench_generator(generator, args.n, t, args.seed, train, test_stats, args.symprec)
             for t in runs}
     emit(report, args.json, format_report(report))
-    return 0
+    return _exit_code("generate", {name: row.get("error") for name, row in report["generators"].items()})
+
+
+def _nothing_to_run(benchmark: str, generators: dict, as_json: bool) -> bool:
+    """True, after saying why (stderr, and a JSON error object with --json), when no generator loaded: the
+    benchmark then stops before loading references or relaxing anything."""
+    if not generators or not all(isinstance(g, Exception) for g in generators.values()):
+        return False
+    message = f"bench {benchmark} ran no generator: " + "; ".join(f"{name}: {exc}" for name, exc in generators.items())
+    if as_json:
+        print(json.dumps({"error": "NoGeneratorRan", "message": message,
+                          "generators": {name: {"error": str(exc)} for name, exc in generators.items()}}))
+    print(f"wyckoff-lab: error: {message}", file=sys.stderr)
+    return True
+
+
+def _exit_code(benchmark: str, errors: dict) -> int:
+    """0 if every generator asked for ran; otherwise 1, after one stderr line per generator that did not (the
+    report alone, JSON or table, exits 0 and reads like a result)."""
+    failed = {name: error for name, error in errors.items() if error}
+    for name, error in failed.items():
+        print(f"wyckoff-lab: error: bench {benchmark}: {name} did not run: {error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def load_references(symprec: float, progress: bool, generators: dict):
@@ -283,6 +308,8 @@ def run_sun(args: argparse.Namespace) -> int:
     except PotentialError as exc:
         raise CommandError(str(exc)) from None
     generators = load_generators(names, weights=args.weights, oversample=args.oversample)
+    if _nothing_to_run("sun", generators, args.json):
+        return 1
     try:  # before any relaxation, so a missing dataset fails fast
         train = novelty_reference(generators, progress)
     except DataUnavailableError as exc:
@@ -309,7 +336,7 @@ def run_sun(args: argparse.Namespace) -> int:
     report["hull_total_s"] = round(sum(book.seconds.values()), 2)
     report = _strict(report)
     emit(report, args.json, format_sun(report))
-    return 0
+    return _exit_code("sun", {name: row.get("error") for name, row in report["generators"].items()})
 
 
 def sun_of_generator(generator, args: argparse.Namespace, systems: list[str | None], potential, book, train,
@@ -470,7 +497,10 @@ def run_recover(args: argparse.Namespace) -> int:
     report["totals"] = _recovery_totals(report["systems"], names, budgets)
     report["table"] = recovery_table(report["systems"], names, budgets, report["totals"])
     emit(report, args.json, format_recover(report))
-    return 0
+    # A generator refused on some systems (an element it never saw) still ran; one refused on all did not.
+    return _exit_code("recover", {name: "; ".join(dict.fromkeys(
+        report["systems"][system]["generators"][name]["error"] for system in total["failed_systems"]))
+        for name, total in report["totals"].items() if len(total["failed_systems"]) == len(systems)})
 
 
 def recover_with(generator, system: str, known, budgets: list[int], args: argparse.Namespace, potential,

@@ -2,9 +2,53 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import re
+import sys
+
+# Generation runs in chunks written as they are made, so memory stays flat and an interrupt keeps what was made.
+# The layout depends on --n only (a short first chunk, which also times the run, then full ones), so a seed
+# reproduces the same structures.
+FIRST_CHUNK = 64
+CHUNK = 256
+HUGE_RUN = 10_000  # above this many structures, say how long and how much disk before going on
+PARTIAL_NAME = "candidates.partial.jsonl"  # one JSON record per line, appended and flushed per chunk
+# What `sample --out` writes, and so what --overwrite may clear: numbered CIFs and the candidates files.
+OWN_OUTPUT = re.compile(r"\d{5,}_[A-Za-z0-9()]+(_sg\d+)?\.cif|candidates\.(json|extxyz)|candidates\.partial\.jsonl")
+EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT
+
+
+def finite_positive(text: str) -> float:
+    """argparse type: a finite number > 0 (NaN breaks the sampler, an infinite temperature its output)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type for --top-p: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("sample", help="generate crystal structures")
+    parser = subparsers.add_parser(
+        "sample", help="generate crystal structures",
+        description="Generate crystal structures. Runs are cut into chunks of "
+                    f"{FIRST_CHUNK}, then {CHUNK} structures, written as they are made (Ctrl-C keeps those made, "
+                    f"exit code {EXIT_INTERRUPTED}); with --seed S, chunk 0 is sampled with seed S and chunk i with "
+                    "numpy's SeedSequence(S, spawn_key=(i,)), so the same seed and --n give the same structures.")
     parser.add_argument("--generator", default="wyckoff-transformer")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--elements", default=None, help="chemical system, e.g. Al,Ca,Cu")
@@ -13,72 +57,290 @@ def register(subparsers) -> None:
     parser.add_argument("--template", default=None, help="pinned orbits, e.g. Ca:2a,Cu:4d (needs --spacegroup)")
     parser.add_argument("--stability", choices=["low", "high"], default=None)
     parser.add_argument("--max-atoms", type=int, default=None, help="atoms in the primitive cell")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=None,
-                        help="nucleus sampling: keep the smallest set of tokens reaching this probability "
+    parser.add_argument("--temperature", type=finite_positive, default=1.0, help="a finite number > 0 (default 1)")
+    parser.add_argument("--top-p", type=probability, default=None,
+                        help="nucleus sampling, in (0, 1]: keep the smallest set of tokens reaching this probability "
                              "(wyckoff-transformer; default 1.0, off)")
     parser.add_argument("--oversample", type=int, default=None, metavar="K",
-                        help="draw K times --n structures and keep those the model finds most likely per token "
-                             "(wyckoff-transformer; default 1)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--out", default=None, help="folder for CIFs, candidates.extxyz and candidates.json")
+                        help="draw K times --n structures and keep those the model finds most likely per token, "
+                             "within each chunk (wyckoff-transformer; default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="makes the run reproducible (see above)")
+    parser.add_argument("--out", default=None,
+                        help="new or empty folder for CIFs, candidates.extxyz and candidates.json (written in a "
+                             "temporary folder beside it, then renamed into place)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out folder of an earlier sample run (refused if it holds other files)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(func=_sample)
 
 
-def parse_template(text: str | None) -> tuple[tuple[str, str], ...]:
-    if not text:
-        return ()
-    pairs = []
-    for item in text.split(","):
-        element, sep, label = item.strip().partition(":")
-        if not sep:
-            raise ValueError(f"template entries look like Element:label (e.g. Ca:2a), got {item!r}")
-        pairs.append((element.strip(), label.strip()))
-    return tuple(pairs)
+def parse_template(text: str | None, spacegroup_number: int | None = None) -> tuple[tuple[str, str], ...]:
+    from wyckoff_lab.core.templates import parse_template as parse
+
+    return parse(text, spacegroup_number)
+
+
+def chunk_seed(seed: int | None, index: int) -> int | None:
+    """The seed of chunk `index`: the run's seed for chunk 0 (a one-chunk run is the generator's own draw), and
+    a spawned SeedSequence for the others (spawn keys, so they never equal the generator's own per-round seeds)."""
+    if seed is None or index == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1)[0])
+
+
+def chunk_sizes(n: int) -> list[int]:
+    sizes = [min(n, FIRST_CHUNK)] if n > 0 else []
+    left = n - sum(sizes)
+    return sizes + [CHUNK] * (left // CHUNK) + ([left % CHUNK] if left % CHUNK else [])
 
 
 def _sample(args) -> int:
     from collections import Counter
-    from pathlib import Path
 
     from tqdm import tqdm
 
     from wyckoff_lab.app.cli import CommandError, emit
-    from wyckoff_lab.core.generators import Conditions, get_generator
-    from wyckoff_lab.core.structures import write_candidates
+    from wyckoff_lab.core.generators import Conditions, describe_failure, get_generator
 
+    if args.n < 1:
+        raise CommandError(f"--n must be at least 1, got {args.n}")
     conditions = Conditions(
         elements=tuple(e.strip() for e in args.elements.split(",")) if args.elements else None,
-        formula=args.formula, spacegroup=args.spacegroup, template=parse_template(args.template),
+        formula=args.formula, spacegroup=args.spacegroup, template=parse_template(args.template, args.spacegroup),
         stability=args.stability, max_atoms=args.max_atoms)
+    _check_feasible(conditions)
     if args.top_p is not None and args.generator != "wyckoff-transformer":
         raise CommandError(f"--top-p is an option of wyckoff-transformer, not {args.generator}")
+    out = _check_out(args.out, args.overwrite) if args.out else None  # before any sampling
     generator = get_generator(args.generator, **({"top_p": args.top_p} if args.top_p is not None else {}))
     if args.oversample is not None:
         generator = generator.ranked(args.oversample)  # refused by generators without a likelihood
     options = {key: value for key, value in (("top_p", args.top_p), ("oversample", args.oversample))
                if value is not None}
-    bar = tqdm(total=args.n, disable=args.json, desc=f"sampling {args.generator}", unit="crystal")
 
-    def progress(done, total):
-        bar.n = done
-        bar.refresh()
+    writer = _Writer(out) if out else None
+    totals = {"structures": 0, "attempts": 0, "ranked_out": 0, "seconds": 0.0}
+    failures, rejected, spacegroups = Counter(), Counter(), Counter()
+    bar = tqdm(total=args.n, disable=args.json, desc=f"sampling {args.generator}", unit="crystal", file=sys.stderr)
+    interrupted = False
+    try:
+        base = 0
+        for index, size in enumerate(chunk_sizes(args.n)):
+            def progress(done, total, base=base):
+                bar.n = base + done
+                bar.refresh()
 
-    result = generator.generate(args.n, conditions, args.temperature, args.seed, progress)
-    bar.close()
-    written = write_candidates(result.candidates, Path(args.out)) if args.out else None
-    spacegroups = Counter(c.intended_spacegroup for c in result.candidates)
-    summary = {"generator": args.generator, "requested": args.n, "structures": len(result.candidates),
-               "attempts": result.attempts, "failures": result.failures, "resampled": result.rejected,
-               "ranked_out": result.ranked_out,
-               "seconds": round(result.seconds, 3),
+            result = generator.generate(size, conditions, args.temperature, chunk_seed(args.seed, index), progress)
+            with _interrupt_deferred():  # a chunk is written whole or not at all
+                if writer:
+                    writer.add(result.candidates)
+                totals["structures"] += len(result.candidates)
+                totals["attempts"] += result.attempts
+                totals["ranked_out"] += result.ranked_out
+                totals["seconds"] += result.seconds
+                failures.update(result.failures)
+                rejected.update(result.rejected)
+                spacegroups.update(c.intended_spacegroup for c in result.candidates)
+            base += size
+            if index == 0 and args.n > HUGE_RUN:
+                _say_estimate(args.n, size, result.seconds, writer)
+    except KeyboardInterrupt:
+        interrupted = True
+    except BaseException:
+        if writer:
+            writer.discard()
+        raise
+    finally:
+        bar.close()
+    written = writer.finish() if writer else None
+
+    made = totals["structures"]
+    summary = {"generator": args.generator, "requested": args.n, "structures": made,
+               "attempts": totals["attempts"], "failures": dict(failures), "resampled": dict(rejected),
+               "ranked_out": totals["ranked_out"], "seconds": round(totals["seconds"], 3),
                "conditions": conditions.as_dict(), "temperature": args.temperature, "seed": args.seed,
-               "options": options,
-               "top_spacegroups": dict(spacegroups.most_common(10)), "out": written}
-    text = (f"{len(result.candidates)}/{args.n} structures from {args.generator} in {result.seconds:.2f} s"
+               "options": options, "top_spacegroups": dict(spacegroups.most_common(10)), "out": written,
+               "interrupted": interrupted}
+    if not made and failures:
+        summary["failure_reasons"] = {reason: describe_failure(reason) for reason in failures}
+    text = (f"{made}/{args.n} structures from {args.generator} in {totals['seconds']:.2f} s"
             + (f"; written to {written}" if written else "")
-            + (f"; failures {result.failures}" if result.failures else "")
-            + (f"; sampled again after the quality gate: {result.rejected}" if result.rejected else ""))
+            + (f"; failures {dict(failures)}" if failures else "")
+            + (f"; sampled again after the quality gate: {dict(rejected)}" if rejected else ""))
     emit(summary, args.json, text)
+    if interrupted:
+        print(f"wyckoff-lab: interrupted: kept {made} structures" + (f" in {written}" if written else
+              " (none written: no --out)"), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not made:
+        reasons = "; ".join(f"{count} x {reason}: {describe_failure(reason)}" for reason, count in
+                            failures.most_common()) or "the generator returned none"
+        print(f"wyckoff-lab: error: no structure was made from {totals['attempts']} attempts: {reasons}",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_feasible(conditions) -> None:
+    """Refuse, with the reason, conditions no sample can meet, before loading a model or sampling."""
+    from pymatgen.core import Composition
+
+    from wyckoff_lab.app.cli import CommandError
+
+    if conditions.max_atoms is None:
+        return
+    if conditions.formula:
+        atoms = int(Composition(conditions.formula).num_atoms)
+        if atoms > conditions.max_atoms:
+            raise CommandError(f"formula {conditions.formula} has {atoms} atoms per formula unit, more than "
+                               f"--max-atoms {conditions.max_atoms}: no cell can hold it")
+    system = conditions.chemical_system or ()
+    if len(system) > conditions.max_atoms:
+        raise CommandError(f"the chemical system {'-'.join(system)} has {len(system)} elements, more than "
+                           f"--max-atoms {conditions.max_atoms}: no cell can hold one atom of each")
+
+
+def _check_out(text: str, overwrite: bool):
+    """The --out folder, checked before sampling: new, empty, or (with --overwrite) an earlier run's outputs."""
+    from pathlib import Path
+
+    from wyckoff_lab.app.cli import CommandError
+
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file; --out names a folder (a new one, or an earlier sample run's)")
+    if out.is_dir():
+        entries = sorted(out.iterdir())
+        foreign = [p.name for p in entries if not (p.is_file() and OWN_OUTPUT.fullmatch(p.name))]
+        if entries and not overwrite:
+            raise CommandError(f"--out {out} is not empty ({len(entries)} entries); give --overwrite to replace "
+                               "an earlier sample run's outputs, or a new folder")
+        if foreign:
+            raise CommandError(f"--out {out} holds files sample did not write ({', '.join(foreign[:5])}"
+                               f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot create the folder for --out {out}: {exc}") from None
+    return out
+
+
+class _Writer:
+    """Writes candidates chunk by chunk into a temporary folder beside `out` (CIFs, extxyz frames appended, one
+    JSON line each), then renames it into place: readers never see half a run, nor two runs mixed."""
+
+    def __init__(self, out):
+        import tempfile
+        from pathlib import Path
+
+        self.out = Path(out)
+        self.folder = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+        self.partial = self.folder / PARTIAL_NAME
+        self.partial.touch()
+        self.count = 0
+
+    def add(self, candidates) -> None:
+        import os
+
+        from ase.io import write
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        frames, lines = [], []
+        for candidate in candidates:
+            structure = candidate.structure
+            name = f"{self.count:05d}_{structure.composition.reduced_formula}"
+            if candidate.intended_spacegroup:
+                name += f"_sg{candidate.intended_spacegroup}"
+            structure.to(filename=str(self.folder / f"{name}.cif"))
+            atoms = AseAtomsAdaptor.get_atoms(structure)
+            atoms.info.update({"name": name, "generator": candidate.generator,
+                               "intended_spacegroup": candidate.intended_spacegroup or 0})
+            frames.append(atoms)
+            lines.append(json.dumps({"name": name, **candidate.as_dict()}, default=str))
+            self.count += 1
+        if frames:
+            write(self.folder / "candidates.extxyz", frames, format="extxyz", append=True)
+        with open(self.partial, "a") as f:
+            f.writelines(line + "\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def bytes_written(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.iterdir())
+
+    def finish(self) -> str:
+        """candidates.json from the JSON lines (streamed, not held in memory), then the folder into place."""
+        import os
+        import shutil
+
+        with _interrupt_deferred(reraise=False):  # finishing is what a Ctrl-C asks for by now
+            with open(self.folder / "candidates.json", "w") as out, open(self.partial) as f:
+                out.write("[")
+                for i, line in enumerate(f):
+                    out.write(("," if i else "") + line.rstrip("\n"))
+                out.write("]")
+            self.partial.unlink()
+            old = None
+            if self.out.exists():  # empty, or an earlier run's outputs (checked before sampling)
+                old = self.folder.with_name(self.folder.name.removesuffix(".partial") + ".old")
+                os.rename(self.out, old)
+            os.rename(self.folder, self.out)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        return str(self.out)
+
+    def discard(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _say_estimate(n: int, size: int, seconds: float, writer) -> None:
+    """Before a huge run goes on: its time and disk from the first chunk. Memory stays flat (written as made)."""
+    import resource
+
+    per = seconds / max(1, size)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    disk = f", about {writer.bytes_written() / max(1, size) * n / 1e9:.1f} GB on disk" if writer else ""
+    print(f"wyckoff-lab: sampling {n} structures takes about {_duration(per * n)} ({1000 * per:.1f} ms each, timed on "
+          f"the first {size}){disk}; memory stays near {rss_mb:.0f} MB as chunks are written as they are made. "
+          "Ctrl-C keeps what was made.", file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _interrupt_deferred:
+    """Hold a Ctrl-C until the block ends (main thread only), so a chunk's files are never left half written."""
+
+    def __init__(self, reraise: bool = True):
+        self.reraise = reraise
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.caught = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._catch)
+        return self
+
+    def _catch(self, signum, frame):
+        self.caught = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.caught and self.reraise:
+            raise KeyboardInterrupt
+        return False

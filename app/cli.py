@@ -16,6 +16,19 @@ class CommandError(Exception):
     """A user-facing failure: printed as one clear line (or a JSON error object), never a traceback."""
 
 
+def positive_float(text: str) -> float:
+    """argparse type for tolerances and other quantities that must be finite and > 0 (spglib segfaults on -1)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
+    return value
+
+
 def emit(result: Any, as_json: bool, text: str | None = None) -> None:
     """Print a command's result: JSON when asked, otherwise the given human text (or pretty JSON)."""
     if as_json:

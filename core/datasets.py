@@ -449,7 +449,9 @@ def reference_stats(dataset: CrystalDataset, symprec: float, progress: bool = Fa
     entry that does not read back as ReferenceStats of this dataset is recomputed with a warning.
     """
     from wyckoff_lab.core.metrics import ReferenceStats, SymmetryInfo, analyze_symmetry
+    from wyckoff_lab.core.symmetry import check_tolerance
 
+    symprec = check_tolerance(symprec)
     digest = hashlib.sha256()
     for array in (dataset.lattices, dataset.frac_coords, dataset.atomic_numbers, dataset.offsets):
         digest.update(np.ascontiguousarray(array).tobytes())

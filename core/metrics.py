@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pymatgen.core import Composition, Structure
 
-from wyckoff_lab.core.symmetry import detected_spacegroup, quiet_spglib
+from wyckoff_lab.core.symmetry import check_tolerance, detected_spacegroup, quiet_spglib
 
 # --- thresholds, each from the seed that defines it ---------------------------------------------------------------
 STRUCT_MIN_DISTANCE = 0.5  # Å; structural validity (CDVAE protocol as restated by SymADiT / composable-crystals)
@@ -175,6 +175,7 @@ def symmetry_info(structure: Structure, symprec: float = DEFAULT_SYMPREC) -> Sym
     """
     from wyckoff_lab.core.wyckoff import WyckoffCrystal, WyckoffError
 
+    symprec = check_tolerance(symprec)  # outside the try: a bad tolerance is the caller's error, not a failed detection
     try:
         crystal = WyckoffCrystal.from_structure(structure, symprec=symprec)
         return SymmetryInfo(int(crystal.spacegroup), tuple(o.letter for o in crystal.orbits))
@@ -190,6 +191,7 @@ def analyze_symmetry(structures: Sequence[Structure], symprec: float = DEFAULT_S
     """`symmetry_info` of each structure (about 5 ms per MP-20 structure; a tqdm bar on stderr if `progress`)."""
     from tqdm import tqdm
 
+    symprec = check_tolerance(symprec)
     with quiet_spglib():
         return [symmetry_info(s, symprec)
                 for s in tqdm(structures, desc="symmetry", unit="crystal", disable=not progress, leave=False)]

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import gzip
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -35,9 +36,23 @@ def quiet_spglib():
             os.environ["SPGLIB_WARNING"] = previous
 
 
+def check_tolerance(value, name: str = "symprec") -> float:
+    """`value` as a float if it is a finite tolerance > 0; ValueError otherwise. spglib crashes the process
+    (segmentation fault) on a negative or NaN tolerance, so every caller that passes one on checks it first."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, not {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 (got {value!r})")
+    return number
+
+
 def detected_spacegroup(structure, symprec: float = 0.1) -> int | None:
     """The space-group number spglib finds for a pymatgen Structure at `symprec` (Å), None if it finds none."""
     import spglib
+
+    symprec = check_tolerance(symprec)
 
     cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
     try:

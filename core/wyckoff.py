@@ -15,7 +15,7 @@ import numpy as np
 import spglib
 from pymatgen.core import Composition, Element, Lattice, Structure
 
-from wyckoff_lab.core.symmetry import SpaceGroupInfo, WyckoffPosition, quiet_spglib, spacegroup
+from wyckoff_lab.core.symmetry import SpaceGroupInfo, WyckoffPosition, check_tolerance, quiet_spglib, spacegroup
 
 DEFAULT_SYMPREC = 0.1  # Å; the tolerance MP-20's own space-group labels were computed with
 DEFAULT_ANGLE_TOLERANCE = 5.0  # degrees
@@ -82,6 +82,8 @@ class WyckoffCrystal:
         structure really has wins. `symprec` of the result records the tolerance used.
         Raises WyckoffError with reason 'disorder', 'symmetry_detection' or 'setting'.
         """
+        symprec = check_tolerance(symprec)
+        angle_tolerance = check_tolerance(angle_tolerance, "angle_tolerance")
         if not structure.is_ordered:
             raise WyckoffError("structure has partial occupancies; the Wyckoff representation needs an ordered "
                                "structure", "disorder")
@@ -273,5 +275,6 @@ def roundtrip_failures(structures, symprec: float = DEFAULT_SYMPREC, processes: 
     """`roundtrip_failure` for many structures, in parallel worker processes, with an optional progress bar."""
     from wyckoff_lab.core.parallel import parallel_map
 
+    symprec = check_tolerance(symprec)
     return parallel_map(_roundtrip_worker, [(s, symprec) for s in structures], workers=processes,
                         progress=progress, desc="round trip", unit="structure")

@@ -12,6 +12,7 @@ from pymatgen.core import Lattice, Structure
 
 from wyckoff_lab.core.parallel import parallel_map
 from wyckoff_lab.core.paths import cache_dir
+from wyckoff_lab.core.symmetry import check_tolerance
 from wyckoff_lab.core.wyckoff import DEFAULT_SYMPREC, WyckoffCrystal, WyckoffError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def _represent(job) -> dict:
 def wyckoff_table(dataset, symprec: float = DEFAULT_SYMPREC, progress: bool = False,
                   workers: int | None = None) -> list[WyckoffCrystal | str]:
     """One entry per dataset row: its WyckoffCrystal, or the failure reason (a string) — nothing dropped."""
+    symprec = check_tolerance(symprec)
     path = cache_dir() / "wyckoff" / f"{dataset.name}_{dataset.split}_{dataset_digest(dataset)}_{symprec:g}.jsonl.gz"
     rows = _read(path, len(dataset))
     if rows is None:

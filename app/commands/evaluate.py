@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from wyckoff_lab.app.cli import CommandError, emit
+from wyckoff_lab.app.cli import CommandError, emit, positive_float
 
 # Intended space group in a file name: 'sg225', 'spg_12', 'spacegroup-62' as a token (between _, -, . or ends).
 SG_IN_NAME = re.compile(r"(?:^|[_\-.])(?:sg|spg|spacegroup)[_\-]?(\d{1,3})(?=$|[_\-.#])", re.IGNORECASE)
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--hull-dataset", default="mp_20",
                    help="dataset whose phases (all splits) make the hull for --relax (default mp_20)")
     p.add_argument("--device", default=None, help="torch device for --relax (default: cuda if available, else cpu)")
-    p.add_argument("--symprec", type=float, default=0.1, help="spglib tolerance in Å (default 0.1)")
+    p.add_argument("--symprec", type=positive_float, default=0.1, help="spglib tolerance in Å (default 0.1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

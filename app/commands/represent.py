@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wyckoff_lab.app.cli import positive_float
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("represent", help="the Wyckoff representation of crystals")
@@ -11,14 +13,14 @@ def register(subparsers) -> None:
     roundtrip.add_argument("--dataset", default="mp_20")
     roundtrip.add_argument("--split", default="test")
     roundtrip.add_argument("--limit", type=int, default=None, help="first N rows only")
-    roundtrip.add_argument("--symprec", type=float, default=0.1, help="spglib tolerance in Å (default 0.1)")
+    roundtrip.add_argument("--symprec", type=positive_float, default=0.1, help="spglib tolerance in Å (default 0.1)")
     roundtrip.add_argument("--processes", type=int, default=None)
     roundtrip.add_argument("--json", action="store_true")
     roundtrip.set_defaults(func=_roundtrip)
 
     show = sub.add_parser("show", help="print the Wyckoff representation of a CIF")
     show.add_argument("file")
-    show.add_argument("--symprec", type=float, default=0.1)
+    show.add_argument("--symprec", type=positive_float, default=0.1)
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_show)
 

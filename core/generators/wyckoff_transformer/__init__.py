@@ -51,6 +51,23 @@ def default_weights_dir() -> Path:
     return Path(str(resources.files("wyckoff_lab.assets").joinpath("models", MODEL_NAME)))
 
 
+MAX_ABS_WEIGHT = 1e4  # trained weights here stay below ~10; 1e4 would overflow the softmax long before sampling
+
+
+def weight_problems(state: dict) -> str | None:
+    """Why these tensors cannot be trained weights (NaN, infinite or absurdly large values), or None."""
+    import torch
+
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            return f"tensor {name!r} has NaN or infinite values"
+        if tensor.numel() and float(tensor.abs().max()) > MAX_ABS_WEIGHT:
+            return f"tensor {name!r} has values of magnitude {float(tensor.abs().max()):.3g} (> {MAX_ABS_WEIGHT:g})"
+    return None
+
+
 def load_model(folder: str | Path | None = None, device=None):
     """(model, metadata) from `model.safetensors` + `config.json`; never unpickles anything."""
     import torch
@@ -66,10 +83,18 @@ def load_model(folder: str | Path | None = None, device=None):
                              "train one with `wyckoff-lab train wyckoff-transformer`")
     try:
         metadata = json.loads(config_path.read_text())
-        model = WyckoffTransformer(WyckoffTransformerConfig(**metadata["model"]))
-        model.load_state_dict(load_file(weights_path), strict=True)
+        config = WyckoffTransformerConfig(**metadata["model"])
+        if config.problems():
+            raise ModelLoadError(f"unusable Wyckoff transformer config in {config_path}: "
+                                 f"{'; '.join(config.problems())}")
+        state = load_file(weights_path)
+        model = WyckoffTransformer(config)
+        model.load_state_dict(state, strict=True)
     except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError, OSError) as exc:
         raise ModelLoadError(f"corrupt or mismatched Wyckoff transformer weights in {folder}: {exc}") from None
+    broken = weight_problems(state)
+    if broken:
+        raise ModelLoadError(f"corrupt Wyckoff transformer weights in {weights_path}: {broken}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval(), metadata
 
@@ -121,8 +146,10 @@ class WyckoffTransformerGenerator(Generator):
         close to the hull they relax (see the README).
         """
         from wyckoff_lab.core.generators.wyckoff_transformer.decoding import DecodingPlan
-        from wyckoff_lab.core.generators.wyckoff_transformer.sampling import sample_sequences
+        from wyckoff_lab.core.generators.wyckoff_transformer.sampling import check_sampling_settings, sample_sequences
         from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import decode
+
+        check_sampling_settings(temperature, self.top_p)  # before any work: a NaN temperature crashed the sampler
 
         self._check_feasible(conditions)
         max_atoms = conditions.max_atoms or DEFAULT_MAX_ATOMS

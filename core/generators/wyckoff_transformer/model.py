@@ -29,6 +29,11 @@ LENGTH_SCALE = 10.0  # Å: lattice lengths enter the Gaussian expansion as a / 1
 ANGLE_CENTER, ANGLE_SCALE = 90.0, 30.0  # degrees: angles are modelled as (angle - 90) / 30
 
 
+class ModelOutputError(ValueError):
+    """The model produced non-finite numbers (NaN or infinite logits or distribution parameters): its weights are
+    broken, and nothing it samples can be trusted."""
+
+
 @dataclass
 class WyckoffTransformerConfig:
     vocab_size: int = len(VOCAB)
@@ -44,6 +49,25 @@ class WyckoffTransformerConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def problems(self) -> list[str]:
+        """What makes this configuration unusable (an empty list when it is sound)."""
+        found = []
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len", "n_gaussians", "n_mixture"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                found.append(f"{name} must be a whole number >= 1 (got {value!r})")
+        if not found and self.d_model % self.n_heads:
+            found.append(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            found.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
+        if not isinstance(self.gaussian_sigma, (int, float)) or not self.gaussian_sigma > 0:
+            found.append(f"gaussian_sigma must be > 0 (got {self.gaussian_sigma!r})")
+        if self.head not in ("mixture", "mse"):
+            found.append(f"head must be 'mixture' or 'mse' (got {self.head!r})")
+        if self.vocab_size != len(VOCAB):
+            found.append(f"vocab_size {self.vocab_size} does not match this version's vocabulary ({len(VOCAB)})")
+        return found
 
 
 # ---------------------------------------------------------------------------------------------------------------

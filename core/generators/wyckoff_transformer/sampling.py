@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 import torch
 
 from wyckoff_lab.core.generators.wyckoff_transformer.decoding import DecodingPlan, DecodingState
-from wyckoff_lab.core.generators.wyckoff_transformer.model import WyckoffTransformer, sample_continuous
+from wyckoff_lab.core.generators.wyckoff_transformer.model import (
+    ModelOutputError,
+    WyckoffTransformer,
+    sample_continuous,
+)
 from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import VOCAB
+
+
+TEMPERATURE_RANGE = (1e-3, 1e3)  # beyond these, logits / T overflow or every draw is the same token
+
+
+def check_sampling_settings(temperature: float, top_p: float = 1.0) -> None:
+    """ValueError unless temperature is within TEMPERATURE_RANGE and top_p in (0, 1] (a NaN temperature crashed
+    torch.multinomial)."""
+    low, high = TEMPERATURE_RANGE
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or not low <= temperature <= high:
+        raise ValueError(f"temperature must be a finite number from {low:g} to {high:g}, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ModelOutputError(f"the Wyckoff transformer computed non-finite {what}: its weights are broken "
+                               "(retrain, or restore the shipped ones)")
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -26,7 +51,12 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_sequences(model: WyckoffTransformer, plan: DecodingPlan, n: int, temperature: float = 1.0,
                      top_p: float = 1.0, seed: int | None = None, batch_size: int = 256,
                      progress: Callable[[int, int], None] | None = None) -> list[DecodingState]:
-    """Sample `n` sequences; each returned state is complete (`phase == 'done'`) or carries a failure reason."""
+    """Sample `n` sequences; each returned state is complete (`phase == 'done'`) or carries a failure reason.
+
+    Raises ValueError for a temperature or top_p out of range, ModelOutputError when the model computes NaN or
+    infinite numbers (broken weights) instead of sampling garbage from them.
+    """
+    check_sampling_settings(temperature, top_p)
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -53,6 +83,7 @@ def _sample_batch(model, states, temperature, top_p, generator, device) -> None:
             return
         hidden = model(tokens, values, kinds, cache=cache, start=step)
         hidden = hidden[:, -1]
+        _check_finite(hidden[active], "hidden states")
         next_tokens = torch.full((B,), VOCAB.pad, dtype=torch.long)
         next_values = torch.zeros(B)
         next_kinds = torch.zeros(B, dtype=torch.long)
@@ -63,7 +94,9 @@ def _sample_batch(model, states, temperature, top_p, generator, device) -> None:
         if discrete:
             masks = torch.from_numpy(np.stack([states[i].mask() for i in discrete])).to(device)
             dead = ~masks.any(dim=1)
-            logits = model.discrete_logits(hidden[discrete]).float() / temperature
+            logits = model.discrete_logits(hidden[discrete]).float()
+            _check_finite(logits, "logits")
+            logits = logits / temperature
             logits = logits.masked_fill(~masks, float("-inf"))
             logits[dead] = 0.0  # placeholder row; the state is failed below
             probs = _top_p_filter(torch.softmax(logits, dim=-1), top_p)
@@ -78,6 +111,7 @@ def _sample_batch(model, states, temperature, top_p, generator, device) -> None:
         if continuous:
             wanted = torch.tensor([states[i].next_kind() for i in continuous], device=device)
             params = model.continuous_params(hidden[continuous], wanted).float()
+            _check_finite(params, "distribution parameters")
             drawn = _draw_separated(states, continuous, params, wanted, model.config, temperature, generator)
             for row, i in enumerate(continuous):
                 kind = int(wanted[row])

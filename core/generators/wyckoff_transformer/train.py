@@ -143,14 +143,45 @@ def evaluate_loss(model, sequences, batch_size, device) -> dict:
     return {"val_ce": ce_sum / n, "val_nll": nll_sum / n, "val_loss": (ce_sum + nll_sum) / n}
 
 
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be resumed from (truncated, not ours, or of another model)."""
+
+
+def read_checkpoint(path: Path, device) -> dict | None:
+    """The saved training state at `path` (None when there is none). Only tensors and plain containers are
+    unpickled (`weights_only`): a checkpoint is code otherwise. Raises CheckpointError, naming the file."""
+    if not path.exists():
+        return None
+    advice = f"delete {path} to start afresh, or train into a new --out"
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, garbage bytes, pickled objects: torch raises many kinds
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot resume from {path}: not a readable training checkpoint ({first}); "
+                              f"{advice}") from None
+    if not isinstance(saved, dict) or not {"model", "optimizer", "state"} <= set(saved):
+        raise CheckpointError(f"cannot resume from {path}: it lacks the model, optimizer or state; {advice}")
+    try:
+        saved["state"] = json.loads(saved["state"])
+        int(saved["state"]["epoch"]), int(saved["state"]["step"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: its training state is unreadable ({exc}); "
+                              f"{advice}") from None
+    return saved
+
+
 def train(config: TrainConfig, progress: bool = True, training: TrainingSet | None = None,
           validation: TrainingSet | None = None) -> dict:
     """Train (or resume from `out_dir/checkpoint.pt`), keeping the best-validation weights in `out_dir/best/`."""
     from tqdm import tqdm
 
+    if config.model.problems():
+        raise ValueError("unusable model configuration: " + "; ".join(config.model.problems()))
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.pt"
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    saved = read_checkpoint(checkpoint, device)  # before the data: a bad checkpoint fails in a second, not minutes
     torch.manual_seed(config.seed)
     data_report = {}
     if training is None:
@@ -171,12 +202,14 @@ def train(config: TrainConfig, progress: bool = True, training: TrainingSet | No
     steps_per_epoch = math.ceil(len(training.crystals) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     state = {"step": 0, "epoch": 0, "best_val": float("inf"), "history": []}
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = json.loads(saved["state"])
+    if saved is not None:
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"cannot resume from {checkpoint}: it holds another model ({str(exc)[:200]}); "
+                                  "train into a new --out or use the same model settings") from None
+        state = saved["state"]
         log.info("resumed from %s at epoch %d step %d", checkpoint, state["epoch"], state["step"])
 
     def save_checkpoint():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -20,28 +19,6 @@ OWN_OUTPUT = re.compile(r"\d{5,}_[A-Za-z0-9()]+(_sg\d+)?\.cif|candidates\.(json|
 EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT
 
 
-def finite_positive(text: str) -> float:
-    """argparse type: a finite number > 0 (NaN breaks the sampler, an infinite temperature its output)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    """argparse type for --top-p: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
-    return value
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "sample", help="generate crystal structures",
@@ -57,8 +34,8 @@ def register(subparsers) -> None:
     parser.add_argument("--template", default=None, help="pinned orbits, e.g. Ca:2a,Cu:4d (needs --spacegroup)")
     parser.add_argument("--stability", choices=["low", "high"], default=None)
     parser.add_argument("--max-atoms", type=int, default=None, help="atoms in the primitive cell")
-    parser.add_argument("--temperature", type=finite_positive, default=1.0, help="a finite number > 0 (default 1)")
-    parser.add_argument("--top-p", type=probability, default=None,
+    parser.add_argument("--temperature", type=float, default=1.0, help="a finite number > 0 (default 1)")
+    parser.add_argument("--top-p", type=float, default=None,
                         help="nucleus sampling, in (0, 1]: keep the smallest set of tokens reaching this probability "
                              "(wyckoff-transformer; default 1.0, off)")
     parser.add_argument("--oversample", type=int, default=None, metavar="K",
@@ -106,6 +83,11 @@ def _sample(args) -> int:
 
     if args.n < 1:
         raise CommandError(f"--n must be at least 1, got {args.n}")
+    # Checked here, not by argparse, so main() returns 2 with one line: NaN breaks the sampler, inf the JSON.
+    if not math.isfinite(args.temperature) or args.temperature <= 0:
+        raise CommandError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails this too
+        raise CommandError(f"--top-p (nucleus sampling's top_p) must be in (0, 1], got {args.top_p}")
     conditions = Conditions(
         elements=tuple(e.strip() for e in args.elements.split(",")) if args.elements else None,
         formula=args.formula, spacegroup=args.spacegroup, template=parse_template(args.template, args.spacegroup),

@@ -1,4 +1,4 @@
-"""Hardening of `sample` and `bench`: bad numbers, bad templates, --out safety, chunked runs, nothing made, no generator."""
+"""Hardening of `sample` and `bench`: bad numbers and templates, --out safety, chunks, empty runs, no generator."""
 
 from __future__ import annotations
 

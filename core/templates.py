@@ -47,10 +47,7 @@ def check_template(composition, spacegroup_number: int, template=(), max_atoms: 
         return TemplateCheck(False, reasons)
 
     fixed_used = Counter(wp.letter for _, wp in pinned if wp.dof == 0)
-    for letter, count in fixed_used.items():
-        if count > 1:
-            reasons.append(f"{group.wyckoff(letter).label} has no free parameters, so it holds one orbit, "
-                           f"but the template uses it {count} times")
+    reasons += _reused_fixed_positions(pinned)
     if reasons:
         return TemplateCheck(False, reasons)
 
@@ -103,15 +100,38 @@ def parse_template(text: str | None, spacegroup_number: int | None = None) -> tu
 
 
 def wyckoff_position(group: SpaceGroupInfo | int, label: str) -> WyckoffPosition:
-    """The Wyckoff position `label` ('4a' or 'a') of a space group, or a ValueError naming the positions it has
-    (a ValueError, not the KeyError of `SpaceGroupInfo.wyckoff`, so callers report it as a bad input)."""
+    """The Wyckoff position `label` ('4a' or 'a') of a space group, or a ValueError naming the letters and
+    positions it has (a ValueError, not the KeyError of `SpaceGroupInfo.wyckoff`, so callers report it as a bad
+    input)."""
     group = spacegroup(group) if isinstance(group, int) else group
     try:
         return group.wyckoff(str(label))
     except KeyError:
-        labels = ", ".join(wp.label for wp in reversed(group.wyckoff_positions))
-        raise ValueError(f"space group {group.number} ({group.symbol}) has no Wyckoff position {label!r}; its "
-                         f"Wyckoff positions are {labels}") from None
+        positions = list(reversed(group.wyckoff_positions))
+        same_letter = group.by_letter.get(str(label).lstrip("0123456789"))
+        hint = f" (its {same_letter.letter} is {same_letter.label})" if same_letter else ""
+        raise ValueError(f"space group {group.number} ({group.symbol}) has no Wyckoff position {label!r}{hint}; "
+                         f"its Wyckoff letters are {positions[0].letter} to {positions[-1].letter}: "
+                         + ", ".join(wp.label for wp in positions)) from None
+
+
+def template_problems(spacegroup_number: int, template) -> list[str]:
+    """Why pinned (element, label) orbits cannot be in one crystal of the space group, whatever the composition:
+    labels the group lacks, and a position without free parameters pinned twice (it holds one orbit). [] if none."""
+    group = spacegroup(spacegroup_number)
+    reasons, pinned = [], []
+    for element, label in template:
+        try:
+            pinned.append((element, wyckoff_position(group, label)))
+        except ValueError as exc:
+            reasons.append(str(exc))
+    return reasons + _reused_fixed_positions(pinned)
+
+
+def _reused_fixed_positions(pinned) -> list[str]:
+    used = Counter(wp.label for _, wp in pinned if wp.dof == 0)
+    return [f"{label} has no free parameters, so it holds one orbit, but the template uses it {count} times"
+            for label, count in used.items() if count > 1]
 
 
 def _parse_composition(composition, reasons: list[str]) -> Composition:

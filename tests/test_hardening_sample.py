@@ -221,3 +221,40 @@ def test_bench_generate_that_ran_no_generator_exits_1(tmp_path, capsys):
     report = _strict_loads(captured.out)
     assert "corrupt or mismatched" in report["generators"]["wyckoff-transformer"]["error"]
     assert "bench generate ran no generator" in captured.err
+
+
+# -- impossible templates, the generator's own atom limit, an --out that cannot be written ----------------------------
+
+@pytest.mark.parametrize("spacegroup, template, words", [
+    (225, "Ca:4a,Cu:4b,Ca:4a", "4a has no free parameters, so it holds one orbit, but the template uses it 2 times"),
+    (2, "Ca:4e", "no Wyckoff position '4e' (its e is 1e); its Wyckoff letters are a to i"),
+])
+def test_an_impossible_template_is_refused_before_any_model_loads(spacegroup, template, words, capsys, monkeypatch):
+    from wyckoff_lab.core.templates import template_problems
+
+    assert any(words in problem for problem in template_problems(spacegroup, parse_template(template)))
+    monkeypatch.setattr(generators_module, "get_generator", lambda *a, **k: pytest.fail("loaded a generator"))
+    assert main(["sample", "--n", "2", "--elements", "Ca,Cu", "--spacegroup", str(spacegroup), "--template",
+                 template]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_formula_beyond_the_generators_default_atom_limit_is_refused(reuse_shipped, capsys, monkeypatch):
+    # Without --max-atoms the transformer allows 20 atoms: Ca7Cu20 (27) used to end in dead ends, one per attempt.
+    monkeypatch.setattr(reuse_shipped, "generate", lambda *a, **k: pytest.fail("sampled"))
+    assert main(["sample", "--n", "2", "--formula", "Ca7Cu20", "--json"]) == 2
+    message = _strict_loads(capsys.readouterr().out)["message"]
+    assert "27 atoms per formula unit, more than the 20 atoms wyckoff-transformer allows without --max-atoms" \
+        in message
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_sampling(reuse_shipped, capsys, monkeypatch):
+    from pathlib import Path
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (a folder nobody, root included, can create entries in)")
+    monkeypatch.setattr(reuse_shipped, "generate", lambda *a, **k: pytest.fail("sampled"))
+    assert main(["sample", "--n", "2", *FAST, "--out", "/proc/self/samples"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write beside --out /proc/self/samples" in err and "Traceback" not in err

@@ -99,10 +99,15 @@ def _sample(args) -> int:
     generator = get_generator(args.generator, **({"top_p": args.top_p} if args.top_p is not None else {}))
     if args.oversample is not None:
         generator = generator.ranked(args.oversample)  # refused by generators without a likelihood
+    if not conditions.max_atoms:
+        _check_feasible(conditions, _default_max_atoms(generator), args.generator)
     options = {key: value for key, value in (("top_p", args.top_p), ("oversample", args.oversample))
                if value is not None}
 
-    writer = _Writer(out) if out else None
+    try:
+        writer = _Writer(out) if out else None
+    except OSError as exc:  # e.g. no write permission beside --out: say so before sampling, not as a traceback
+        raise CommandError(f"cannot write beside --out {out}: {exc}") from None
     totals = {"structures": 0, "attempts": 0, "ranked_out": 0, "seconds": 0.0}
     failures, rejected, spacegroups = Counter(), Counter(), Counter()
     bar = tqdm(total=args.n, disable=args.json, desc=f"sampling {args.generator}", unit="crystal", file=sys.stderr)
@@ -165,23 +170,40 @@ def _sample(args) -> int:
     return 0
 
 
-def _check_feasible(conditions) -> None:
-    """Refuse, with the reason, conditions no sample can meet, before loading a model or sampling."""
+def _check_feasible(conditions, default_max_atoms: int | None = None, generator: str = "") -> None:
+    """Refuse, with the reason, conditions no sample can meet, before sampling (and, but for the generator's own
+    atom limit, before loading a model): each attempt would otherwise end in a dead end, counted but unexplained."""
     from pymatgen.core import Composition
 
     from wyckoff_lab.app.cli import CommandError
+    from wyckoff_lab.core.templates import template_problems
 
-    if conditions.max_atoms is None:
+    if conditions.template and conditions.spacegroup:
+        problems = template_problems(conditions.spacegroup, conditions.template)
+        if problems:
+            raise CommandError("impossible template: " + "; ".join(problems))
+    limit = conditions.max_atoms or default_max_atoms
+    if limit is None:
         return
+    where = (f"--max-atoms {limit}" if conditions.max_atoms
+             else f"the {limit} atoms {generator} allows without --max-atoms")
     if conditions.formula:
         atoms = int(Composition(conditions.formula).num_atoms)
-        if atoms > conditions.max_atoms:
+        if atoms > limit:
             raise CommandError(f"formula {conditions.formula} has {atoms} atoms per formula unit, more than "
-                               f"--max-atoms {conditions.max_atoms}: no cell can hold it")
+                               f"{where}: no cell can hold it")
     system = conditions.chemical_system or ()
-    if len(system) > conditions.max_atoms:
+    if len(system) > limit:
         raise CommandError(f"the chemical system {'-'.join(system)} has {len(system)} elements, more than "
-                           f"--max-atoms {conditions.max_atoms}: no cell can hold one atom of each")
+                           f"{where}: no cell can hold one atom of each")
+
+
+def _default_max_atoms(generator) -> int | None:
+    """The primitive-cell atom limit a generator uses without --max-atoms: its module's DEFAULT_MAX_ATOMS (both
+    built-in generators have one), None for a generator that declares none."""
+    module = sys.modules.get(type(generator).__module__)
+    limit = getattr(module, "DEFAULT_MAX_ATOMS", None)
+    return limit if isinstance(limit, int) else None
 
 
 def _check_out(text: str, overwrite: bool):

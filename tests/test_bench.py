@@ -163,11 +163,12 @@ def test_cli_recover_refuses_a_system_without_held_out_structures(tiny_transform
 
 
 def test_cli_recover_with_other_weights(tiny_transformer, recover_system, tmp_path, capsys):
-    # --weights points the transformer at another folder; one that holds no weights is reported, not fatal.
+    # --weights points the transformer at another folder; one that holds no weights is reported, and since no
+    # generator ran, the benchmark exits 1.
     code = main(["bench", "recover", "--systems", recover_system, "--budgets", "2", "--generators",
                  "wyckoff-transformer", "--weights", str(tmp_path / "nowhere"), "--json"])
     report = json.loads(capsys.readouterr().out)
-    assert code == 0
+    assert code == 1
     assert "no Wyckoff transformer weights in" in report["systems"][recover_system]["generators"][
         "wyckoff-transformer"]["error"]
 

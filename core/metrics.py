@@ -582,6 +582,7 @@ def evaluate(structures: Sequence[Structure], reference: Sequence[Structure] | R
     `e_above_hull`, eV/atom, one per structure). Distribution metrics compare the whole sample with the reference
     (`reference_stats` is computed from `reference` when not given). Timings of each stage are `time_<stage>_s`.
     """
+    symprec = check_tolerance(symprec)  # before the validity stage: a bad tolerance fails at once, not after it
     n = len(structures)
     timings: dict[str, float] = {}
     out: dict = {"n": n, "symprec": symprec}

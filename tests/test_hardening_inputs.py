@@ -63,7 +63,7 @@ def test_every_tolerance_flag_refuses_bad_values(value, cif, capsys):
 
 @pytest.mark.parametrize("value", [-1.0, -0.1, math.nan, 0.0, math.inf])
 def test_core_refuses_bad_tolerances_before_spglib(value):
-    from wyckoff_lab.core.metrics import analyze_symmetry, symmetry_info
+    from wyckoff_lab.core.metrics import analyze_symmetry, evaluate, symmetry_info
     from wyckoff_lab.core.symmetry import detected_spacegroup
     from wyckoff_lab.core.wyckoff import WyckoffCrystal, roundtrip_failures
 
@@ -71,7 +71,8 @@ def test_core_refuses_bad_tolerances_before_spglib(value):
     calls = [lambda: detected_spacegroup(structure, value), lambda: WyckoffCrystal.from_structure(structure, value),
              lambda: WyckoffCrystal.from_structure(structure, angle_tolerance=value),
              lambda: symmetry_info(structure, value), lambda: analyze_symmetry([structure], value),
-             lambda: roundtrip_failures([structure], value, processes=1)]
+             lambda: roundtrip_failures([structure], value, processes=1),
+             lambda: evaluate([structure], [structure], symprec=value)]
     for call in calls:
         with pytest.raises(ValueError, match="finite number > 0"):
             call()
@@ -154,6 +155,23 @@ def test_sampling_refuses_temperatures_it_cannot_use(temperature, one_torch_thre
     assert len(generator.generate(2, Conditions(elements=("Na", "Cl")), temperature=1.0, seed=0).candidates) == 2
 
 
+def test_transformer_refuses_a_bad_gate_tolerance_before_loading():
+    from wyckoff_lab.core.generators.wyckoff_transformer import WyckoffTransformerGenerator
+
+    for value in (-1.0, math.nan):
+        with pytest.raises(ValueError, match="symprec must be a finite number > 0"):
+            WyckoffTransformerGenerator(weights="/nonexistent", symprec=value)  # refused before the weights are read
+
+
+@pytest.mark.parametrize("temperature", [math.nan, math.inf, -1.0])
+def test_pyxtal_refuses_temperatures_too(temperature):
+    """The baseline ignores temperature, but a NaN one is the caller's bug: refused as by the transformer."""
+    from wyckoff_lab.core.generators import Conditions, get_generator
+
+    with pytest.raises(ValueError, match="temperature must be"):
+        get_generator("pyxtal").generate(1, Conditions(elements=("Na", "Cl"), spacegroup=225), temperature=temperature)
+
+
 @pytest.mark.parametrize("top_p", [0.0, -0.5, 1.5, math.nan])
 def test_sampling_refuses_top_p_outside_the_unit_interval(top_p):
     from wyckoff_lab.core.generators.wyckoff_transformer.sampling import check_sampling_settings
@@ -199,3 +217,23 @@ def test_train_refuses_an_unusable_model_config(tmp_path, capsys):
     rc, err = _cli(["train", "wyckoff-transformer", "--out", str(tmp_path / "run"), "--d-model", "100",
                     "--heads", "3"], capsys)
     assert rc == 2 and "n_heads (3) must divide d_model (100)" in err
+
+
+@pytest.mark.parametrize("args, words", [(["--lr", "nan"], "--lr"), (["--lr=-1"], "--lr"),
+                                         (["--max-minutes", "0"], "--max-minutes"),
+                                         (["--batch-size", "0"], "batch_size must be a whole number >= 1"),
+                                         (["--epochs", "-3"], "epochs must be a whole number >= 1")])
+def test_train_refuses_settings_it_cannot_train_with(args, words, tmp_path, capsys):
+    """Before any data loads: a zero batch size was a ZeroDivisionError, a NaN learning rate hours of NaN weights."""
+    rc, err = _cli(["train", "wyckoff-transformer", "--out", str(tmp_path / "run"), *args], capsys)
+    assert rc == 2 and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_config_lists_its_problems():
+    from wyckoff_lab.core.generators.wyckoff_transformer.train import TrainConfig
+
+    assert TrainConfig().problems() == []
+    problems = TrainConfig(lr=math.nan, max_minutes=-1.0, warmup_fraction=math.inf).problems()
+    assert problems == ["lr must be a finite number > 0 (got nan)", "max_minutes must be a finite number > 0 (got -1.0)",
+                        "warmup_fraction must be a finite number >= 0 (got inf)"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wyckoff_lab.app.cli import positive_float
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a generative model")
@@ -14,12 +16,12 @@ def register(subparsers) -> None:
     wt.add_argument("--out", default="runs/wyckoff-transformer", help="run folder (checkpoint.pt, best/)")
     wt.add_argument("--epochs", type=int, default=60)
     wt.add_argument("--batch-size", type=int, default=128)
-    wt.add_argument("--lr", type=float, default=1e-3)
+    wt.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate, a finite number > 0")
     wt.add_argument("--d-model", type=int, default=192)
     wt.add_argument("--layers", type=int, default=4)
     wt.add_argument("--heads", type=int, default=6)
     wt.add_argument("--head", choices=["mixture", "mse"], default="mixture", help="continuous head")
-    wt.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time")
+    wt.add_argument("--max-minutes", type=positive_float, default=None, help="stop after this much wall time")
     wt.add_argument("--device", default=None)
     wt.add_argument("--seed", type=int, default=0)
     wt.add_argument("--install", action="store_true", help="copy the best weights into assets/models when done")

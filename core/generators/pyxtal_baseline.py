@@ -23,7 +23,7 @@ from wyckoff_lab.core.generators import (
     ProgressCallback,
     register_generator,
 )
-from wyckoff_lab.core.symmetry import spacegroup
+from wyckoff_lab.core.symmetry import check_tolerance, spacegroup
 from wyckoff_lab.core.templates import check_template, counts_feasible
 from wyckoff_lab.core.wyckoff import WyckoffCrystal
 
@@ -258,6 +258,8 @@ class PyXtalGenerator(Generator):
 
     def _generate(self, n: int, conditions: Conditions, temperature: float, seed: int | None,
                   progress: ProgressCallback | None) -> GenerationResult:
+        # Unused here, but a NaN or infinite temperature is the caller's bug: refused as by the transformer.
+        check_tolerance(temperature, "temperature")
         max_atoms = conditions.max_atoms or DEFAULT_MAX_ATOMS
         self._check_feasible(conditions, max_atoms)
         systems = groups = None  # (choices, weights) for what the conditions leave open

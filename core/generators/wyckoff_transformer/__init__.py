@@ -19,7 +19,7 @@ from wyckoff_lab.core.generators import (
     UnsupportedConditionError,
     register_generator,
 )
-from wyckoff_lab.core.symmetry import detected_spacegroup
+from wyckoff_lab.core.symmetry import check_tolerance, detected_spacegroup
 
 MODEL_NAME = "wyckoff_transformer"
 MODELS_ENV = "WYCKOFF_LAB_MODELS"
@@ -112,6 +112,7 @@ class WyckoffTransformerGenerator(Generator):
                  resample: bool = True, symprec: float = GATE_SYMPREC, oversample: int = 1):
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        symprec = check_tolerance(symprec)  # the space-group gate hands it to spglib, which segfaults on -1 or NaN
         self.model, self.metadata = load_model(weights, device)
         self.top_p = top_p
         self.oversample = self._checked_oversample(oversample)

@@ -41,6 +41,26 @@ class TrainConfig:
     device: str | None = None
     model: WyckoffTransformerConfig = field(default_factory=WyckoffTransformerConfig)
 
+    def problems(self) -> list[str]:
+        """What makes these settings unusable (an empty list when they are sound), the model's config included."""
+        found = []
+        for name in ("epochs", "batch_size", "max_atoms"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                found.append(f"{name} must be a whole number >= 1 (got {value!r})")
+        # A NaN or negative learning rate trained NaN weights for hours without a word.
+        for name in ("lr",) + (() if self.max_minutes is None else ("max_minutes",)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                found.append(f"{name} must be a finite number > 0 (got {value!r})")
+        for name in ("weight_decay", "warmup_fraction", "continuous_weight", "checkpoint_every_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                found.append(f"{name} must be a finite number >= 0 (got {value!r})")
+        return found + self.model.problems()
+
 
 @dataclass
 class TrainingSet:
@@ -175,8 +195,8 @@ def train(config: TrainConfig, progress: bool = True, training: TrainingSet | No
     """Train (or resume from `out_dir/checkpoint.pt`), keeping the best-validation weights in `out_dir/best/`."""
     from tqdm import tqdm
 
-    if config.model.problems():
-        raise ValueError("unusable model configuration: " + "; ".join(config.model.problems()))
+    if config.problems():
+        raise ValueError("unusable training configuration: " + "; ".join(config.problems()))
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"

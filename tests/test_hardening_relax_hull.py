@@ -318,15 +318,19 @@ def test_an_unknown_split_says_which_exist_and_downloads_nothing(cache, monkeypa
 # --- 6. big hulls --------------------------------------------------------------------------------------------------
 
 
-def test_hull_says_how_many_relaxations_and_wants_yes_for_many(al_rh_rows, cache, monkeypatch, capsys):
+def _with_strained_alrh(al_rh_rows, n: int):
+    """The real rows plus `n` distinct AlRh cells (real mp-364, strained 0.2 % more each): n more relaxations."""
     structures, ids, energies = al_rh_rows
-    # 60 distinct AlRh cells (strained real mp-364) besides the real rows: 63 relaxations with --max-references 0.
     alrh = structures[ids.index("mp-364")]
-    strained = [alrh.copy() for _ in range(60)]
+    strained = [alrh.copy() for _ in range(n)]
     for i, s in enumerate(strained):
         s.apply_strain(0.002 * (i + 1))
-    big = crystal_dataset(structures + strained, ids + [f"strained-{i}" for i in range(60)],
-                          energies + [-1.0] * 60)
+    return crystal_dataset(structures + strained, ids + [f"strained-{i}" for i in range(n)], energies + [-1.0] * n)
+
+
+def test_hull_says_how_many_relaxations_and_wants_yes_for_many(al_rh_rows, cache, monkeypatch, capsys):
+    # 60 distinct AlRh cells (strained real mp-364) besides the real rows: 63 relaxations with --max-references 0.
+    big = _with_strained_alrh(al_rh_rows, 60)
     small = crystal_dataset(*al_rh_rows)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split="all", **kwargs: big)
     args = ["hull", "--elements", "Al,Rh", "--potential", "chgnet", "--max-references", "0", "--json"]
@@ -347,12 +351,7 @@ def test_hull_says_how_many_relaxations_and_wants_yes_for_many(al_rh_rows, cache
 
 
 def test_yes_starts_a_big_hull(al_rh_rows, cache, monkeypatch, capsys):
-    structures, ids, energies = al_rh_rows
-    alrh = structures[ids.index("mp-364")]
-    strained = [alrh.copy() for _ in range(51)]
-    for i, s in enumerate(strained):
-        s.apply_strain(0.002 * (i + 1))
-    big = crystal_dataset(structures + strained, ids + [f"s{i}" for i in range(51)], energies + [-1.0] * 51)
+    big = _with_strained_alrh(al_rh_rows, 51)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split="all", **kwargs: big)
     # 54 single points (no FIRE steps) are quick with real CHGNet.
     args = ["hull", "--elements", "Al,Rh", "--potential", "chgnet", "--max-references", "0", "--max-steps", "0",

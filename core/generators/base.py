@@ -269,6 +269,8 @@ class Generator(abc.ABC):
     parallel_safe: ClassVar[bool] = False
     # The generator has a likelihood to rank its own samples by (see `ranked`).
     ranks_by_likelihood: ClassVar[bool] = False
+    # Atoms in the primitive cell when the conditions set no max_atoms (None: the generator has no limit).
+    default_max_atoms: ClassVar[int | None] = None
     # The keywords its class takes (weights, top-p, steps ...), from which CLI flags and app controls are made.
     options: ClassVar[tuple[GeneratorOption, ...]] = ()
 

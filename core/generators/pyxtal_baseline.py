@@ -20,6 +20,7 @@ from wyckoff_lab.core.generators import (
     Conditions,
     GenerationResult,
     Generator,
+    GeneratorOption,
     ProgressCallback,
     register_generator,
 )
@@ -236,6 +237,13 @@ class PyXtalGenerator(Generator):
     supported_conditions = frozenset({"elements", "formula", "spacegroup", "max_atoms", "template"})
     uses_temperature = False
     parallel_safe = True  # one random symmetric structure at a time, in Python
+    default_max_atoms = DEFAULT_MAX_ATOMS
+    options = (
+        GeneratorOption("volume_factor", "float", VOLUME_FACTOR, "PyXtal's volume factor (cell volume over the sum "
+                        "of atomic volumes)", minimum=0.1, maximum=10.0),
+        GeneratorOption("attempts_per_structure", "int", ATTEMPTS_PER_STRUCTURE, "random compositions / space "
+                        "groups tried per structure before it counts as failed", minimum=1, maximum=1000),
+    )
 
     def __init__(self, chemical_systems: Mapping | None = None, spacegroups: Mapping[int, float] | None = None,
                  volume_factor: float = VOLUME_FACTOR, attempts_per_structure: int = ATTEMPTS_PER_STRUCTURE,

@@ -16,6 +16,7 @@ from wyckoff_lab.core.generators import (
     Conditions,
     GenerationResult,
     Generator,
+    GeneratorOption,
     UnsupportedConditionError,
     register_generator,
 )
@@ -107,6 +108,15 @@ class WyckoffTransformerGenerator(Generator):
     description = "Autoregressive transformer over Wyckoff positions and free coordinates (Matra-Genoa)"
     supported_conditions = frozenset({"elements", "formula", "spacegroup", "template", "stability", "max_atoms"})
     ranks_by_likelihood = True
+    default_max_atoms = DEFAULT_MAX_ATOMS
+    options = (
+        GeneratorOption("weights", "path", None, "weights folder (config.json + model.safetensors; default: the "
+                        "shipped assets/models/wyckoff_transformer, or $WYCKOFF_LAB_MODELS/wyckoff_transformer)"),
+        GeneratorOption("top_p", "float", 1.0, "nucleus sampling: keep the smallest set of tokens reaching this "
+                        "probability (1 = off)", minimum=1e-6, maximum=1.0),
+        GeneratorOption("oversample", "int", 1, "draw K times the structures asked for and keep those the model "
+                        "finds most likely per token", minimum=1, maximum=100),
+    )
 
     def __init__(self, weights: str | Path | None = None, device=None, top_p: float = 1.0, batch_size: int = 256,
                  resample: bool = True, symprec: float = GATE_SYMPREC, oversample: int = 1):

@@ -12,6 +12,7 @@ from wyckoff_lab.core.generators.base import (
     Generator,
     GeneratorOption,
     ProgressCallback,
+    TrainingRecipe,
     UnsupportedConditionError,
     available_generators,
     describe_failure,
@@ -22,5 +23,5 @@ from wyckoff_lab.core.generators.base import (
 
 __all__ = ["BUILTIN_GENERATORS", "CONDITION_NAMES", "FAILURE_REASONS", "STABILITY_THRESHOLD_EV", "STABILITY_VALUES",
            "Candidate", "Conditions", "GenerationResult", "Generator", "GeneratorOption", "ProgressCallback",
-           "UnsupportedConditionError", "available_generators", "describe_failure", "generator_class",
+           "TrainingRecipe", "UnsupportedConditionError", "available_generators", "describe_failure", "generator_class",
            "get_generator", "register_generator"]

@@ -258,6 +258,26 @@ class GeneratorOption:
         return parsed
 
 
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How `wyckoff-lab train <generator>` trains a generator: `module` holds the config dataclass (`config`; it
+    has an `out_dir`, may nest dataclasses, and every field is a setting of `--config FILE.toml` / `--set`) and the
+    function (`function(config, progress=...) -> dict`) that trains, resumably, into `out_dir` and exports the
+    best weights to `out_dir/best/`. `weights_name` is the folder under assets/models the weights install to."""
+
+    module: str
+    weights_name: str
+    config: str = "TrainConfig"
+    function: str = "train"
+
+    def load(self) -> tuple[type, Callable[..., dict]]:
+        """(config class, train function), imported now (torch and the data loaders are heavy)."""
+        import importlib
+
+        module = importlib.import_module(self.module)
+        return getattr(module, self.config), getattr(module, self.function)
+
+
 class Generator(abc.ABC):
     """A source of crystal candidates. Subclasses set `name` and `supported_conditions` and implement `_generate`."""
 
@@ -271,6 +291,8 @@ class Generator(abc.ABC):
     ranks_by_likelihood: ClassVar[bool] = False
     # Atoms in the primitive cell when the conditions set no max_atoms (None: the generator has no limit).
     default_max_atoms: ClassVar[int | None] = None
+    # How to train it (None: nothing to train, e.g. a baseline); `wyckoff-lab train` lists those that have one.
+    training: ClassVar[TrainingRecipe | None] = None
     # The keywords its class takes (weights, top-p, steps ...), from which CLI flags and app controls are made.
     options: ClassVar[tuple[GeneratorOption, ...]] = ()
 

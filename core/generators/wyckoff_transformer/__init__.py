@@ -17,6 +17,7 @@ from wyckoff_lab.core.generators import (
     GenerationResult,
     Generator,
     GeneratorOption,
+    TrainingRecipe,
     UnsupportedConditionError,
     register_generator,
 )
@@ -109,6 +110,7 @@ class WyckoffTransformerGenerator(Generator):
     supported_conditions = frozenset({"elements", "formula", "spacegroup", "template", "stability", "max_atoms"})
     ranks_by_likelihood = True
     default_max_atoms = DEFAULT_MAX_ATOMS
+    training = TrainingRecipe("wyckoff_lab.core.generators.wyckoff_transformer.train", MODEL_NAME)
     options = (
         GeneratorOption("weights", "path", None, "weights folder (config.json + model.safetensors; default: the "
                         "shipped assets/models/wyckoff_transformer, or $WYCKOFF_LAB_MODELS/wyckoff_transformer)"),

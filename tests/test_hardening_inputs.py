@@ -214,13 +214,16 @@ def test_checkpoint_with_pickled_code_is_not_run(tmp_path):
 
 
 def test_train_refuses_an_unusable_model_config(tmp_path, capsys):
-    rc, err = _cli(["train", "wyckoff-transformer", "--out", str(tmp_path / "run"), "--d-model", "100",
-                    "--heads", "3"], capsys)
+    rc, err = _cli(["train", "wyckoff-transformer", "--out", str(tmp_path / "run"), "--set", "model.d_model=100",
+                    "--set", "model.n_heads=3"], capsys)
     assert rc == 2 and "n_heads (3) must divide d_model (100)" in err
 
 
-@pytest.mark.parametrize("args, words", [(["--lr", "nan"], "--lr"), (["--lr=-1"], "--lr"),
-                                         (["--max-minutes", "0"], "--max-minutes"),
+@pytest.mark.parametrize("args, words", [(["--lr", "nan"], "lr must be a finite number > 0"),
+                                         (["--lr=-1"], "lr must be a finite number > 0"),
+                                         (["--max-minutes", "0"], "max_minutes must be a finite number > 0"),
+                                         (["--set", "model.dropout=x"], "model.dropout must be float"),
+                                         (["--set", "model.size=3"], "unknown setting 'model.size'"),
                                          (["--batch-size", "0"], "batch_size must be a whole number >= 1"),
                                          (["--epochs", "-3"], "epochs must be a whole number >= 1")])
 def test_train_refuses_settings_it_cannot_train_with(args, words, tmp_path, capsys):

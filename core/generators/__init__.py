@@ -19,9 +19,10 @@ from wyckoff_lab.core.generators.base import (
     generator_class,
     get_generator,
     register_generator,
+    weights_folder,
 )
 
 __all__ = ["BUILTIN_GENERATORS", "CONDITION_NAMES", "FAILURE_REASONS", "STABILITY_THRESHOLD_EV", "STABILITY_VALUES",
            "Candidate", "Conditions", "GenerationResult", "Generator", "GeneratorOption", "ProgressCallback",
            "TrainingRecipe", "UnsupportedConditionError", "available_generators", "describe_failure", "generator_class",
-           "get_generator", "register_generator"]
+           "get_generator", "register_generator", "weights_folder"]

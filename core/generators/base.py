@@ -291,6 +291,8 @@ class Generator(abc.ABC):
     ranks_by_likelihood: ClassVar[bool] = False
     # Atoms in the primitive cell when the conditions set no max_atoms (None: the generator has no limit).
     default_max_atoms: ClassVar[int | None] = None
+    # It has learned embeddings of elements / space groups / Wyckoff positions to map (`learned_embeddings`).
+    has_learned_embeddings: ClassVar[bool] = False
     # How to train it (None: nothing to train, e.g. a baseline); `wyckoff-lab train` lists those that have one.
     training: ClassVar[TrainingRecipe | None] = None
     # The keywords its class takes (weights, top-p, steps ...), from which CLI flags and app controls are made.
@@ -306,6 +308,11 @@ class Generator(abc.ABC):
         if oversample == 1:
             return self
         raise UnsupportedConditionError(f"generator {self.name!r} has no likelihood to rank its samples by")
+
+    def learned_embeddings(self) -> dict:
+        """{"elements": (symbols, vectors), "spacegroups": (numbers, vectors), ...}: the model's learned input
+        embeddings, labelled, for the t-SNE maps (generators with `has_learned_embeddings`)."""
+        raise UnsupportedConditionError(f"generator {self.name!r} has no learned embeddings")
 
     def check_conditions(self, conditions: Conditions) -> None:
         """Refuse, with a clear message, any condition this generator cannot honour."""
@@ -334,6 +341,21 @@ class Generator(abc.ABC):
     def _generate(self, n: int, conditions: Conditions, temperature: float, seed: int | None,
                   progress: ProgressCallback | None) -> GenerationResult:
         ...
+
+
+MODELS_ENV = "WYCKOFF_LAB_MODELS"  # a folder of weights folders that replaces the shipped assets/models
+
+
+def weights_folder(name: str):
+    """Where model `name`'s weights live: `$WYCKOFF_LAB_MODELS/<name>` if that is set, else the package's
+    assets/models/<name> (the shipped weights)."""
+    import os
+    from importlib import resources
+    from pathlib import Path
+
+    if os.environ.get(MODELS_ENV):
+        return Path(os.environ[MODELS_ENV]) / name
+    return Path(str(resources.files("wyckoff_lab.assets").joinpath("models", name)))
 
 
 _REGISTRY: dict[str, Callable[..., Generator]] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,11 +19,11 @@ from wyckoff_lab.core.generators import (
     TrainingRecipe,
     UnsupportedConditionError,
     register_generator,
+    weights_folder,
 )
 from wyckoff_lab.core.symmetry import check_tolerance, detected_spacegroup
 
 MODEL_NAME = "wyckoff_transformer"
-MODELS_ENV = "WYCKOFF_LAB_MODELS"
 DEFAULT_MAX_ATOMS = 20  # primitive cell, as in MP-20
 # The quality gate of `generate` (see WyckoffTransformerGenerator._gate): spglib's tolerance of the space-group
 # metrics, Matra-Genoa's bond-consistency distance, and how many times a shortfall is sampled again.
@@ -46,11 +45,7 @@ class ModelLoadError(ValueError):
 
 def default_weights_dir() -> Path:
     """`$WYCKOFF_LAB_MODELS/wyckoff_transformer` if set, else the weights shipped in the package's assets."""
-    if os.environ.get(MODELS_ENV):
-        return Path(os.environ[MODELS_ENV]) / MODEL_NAME
-    from importlib import resources
-
-    return Path(str(resources.files("wyckoff_lab.assets").joinpath("models", MODEL_NAME)))
+    return weights_folder(MODEL_NAME)
 
 
 MAX_ABS_WEIGHT = 1e4  # trained weights here stay below ~10; 1e4 would overflow the softmax long before sampling
@@ -109,6 +104,7 @@ class WyckoffTransformerGenerator(Generator):
     description = "Autoregressive transformer over Wyckoff positions and free coordinates (Matra-Genoa)"
     supported_conditions = frozenset({"elements", "formula", "spacegroup", "template", "stability", "max_atoms"})
     ranks_by_likelihood = True
+    has_learned_embeddings = True
     default_max_atoms = DEFAULT_MAX_ATOMS
     training = TrainingRecipe("wyckoff_lab.core.generators.wyckoff_transformer.train", MODEL_NAME)
     options = (
@@ -133,6 +129,9 @@ class WyckoffTransformerGenerator(Generator):
         self.symprec = symprec
         self.seen_elements = sorted(self.metadata.get("element_counts", {}))
         self.seen_spacegroups = sorted(int(k) for k in self.metadata.get("spacegroup_counts", {}))
+
+    def learned_embeddings(self) -> dict:
+        return learned_embeddings(self.model)
 
     def ranked(self, oversample: int) -> WyckoffTransformerGenerator:
         oversample = self._checked_oversample(oversample)
@@ -319,14 +318,3 @@ def learned_embeddings(model) -> dict:
         "wyckoff": ([" ".join(f"{sg}:{letter}" for sg, letter in members) for members in vocabulary],
                     weight[VOCAB.wyckoff_offset:VOCAB.wyckoff_offset + len(vocabulary)]),
     }
-
-
-def export_embeddings(model, path) -> None:
-    """Write `learned_embeddings` as a compressed npz: <kind>_labels and <kind>_vectors per kind."""
-    import numpy as np
-
-    arrays = {}
-    for kind, (labels, vectors) in learned_embeddings(model).items():
-        arrays[f"{kind}_labels"] = np.array([str(label) for label in labels])
-        arrays[f"{kind}_vectors"] = vectors
-    np.savez_compressed(path, **arrays)

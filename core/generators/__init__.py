@@ -15,6 +15,7 @@ from wyckoff_lab.core.generators.base import (
     TrainingRecipe,
     UnsupportedConditionError,
     available_generators,
+    default_generator_name,
     describe_failure,
     generator_class,
     get_generator,
@@ -24,5 +25,6 @@ from wyckoff_lab.core.generators.base import (
 
 __all__ = ["BUILTIN_GENERATORS", "CONDITION_NAMES", "FAILURE_REASONS", "STABILITY_THRESHOLD_EV", "STABILITY_VALUES",
            "Candidate", "Conditions", "GenerationResult", "Generator", "GeneratorOption", "ProgressCallback",
-           "TrainingRecipe", "UnsupportedConditionError", "available_generators", "describe_failure", "generator_class",
+           "TrainingRecipe", "UnsupportedConditionError", "available_generators", "default_generator_name",
+           "describe_failure", "generator_class",
            "get_generator", "register_generator", "weights_folder"]

@@ -289,6 +289,8 @@ class Generator(abc.ABC):
     parallel_safe: ClassVar[bool] = False
     # The generator has a likelihood to rank its own samples by (see `ranked`).
     ranks_by_likelihood: ClassVar[bool] = False
+    # Where it comes in lists and which is chosen by default (lowest first; a baseline ranks after the models).
+    preference: ClassVar[int] = 100
     # Atoms in the primitive cell when the conditions set no max_atoms (None: the generator has no limit).
     default_max_atoms: ClassVar[int | None] = None
     # It has learned embeddings of elements / space groups / Wyckoff positions to map (`learned_embeddings`).
@@ -370,8 +372,14 @@ def register_generator(name: str):
 
 
 def available_generators() -> list[str]:
+    """Registered names, most preferred first (`Generator.preference`, then by name)."""
     _load_builtin()
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY, key=lambda name: (getattr(_REGISTRY[name], "preference", 100), name))
+
+
+def default_generator_name() -> str:
+    """The generator `sample` and the app use when none is named: the most preferred one."""
+    return available_generators()[0]
 
 
 def generator_class(name: str) -> type[Generator]:

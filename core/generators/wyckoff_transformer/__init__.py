@@ -105,6 +105,7 @@ class WyckoffTransformerGenerator(Generator):
     supported_conditions = frozenset({"elements", "formula", "spacegroup", "template", "stability", "max_atoms"})
     ranks_by_likelihood = True
     has_learned_embeddings = True
+    preference = 10
     default_max_atoms = DEFAULT_MAX_ATOMS
     training = TrainingRecipe("wyckoff_lab.core.generators.wyckoff_transformer.train", MODEL_NAME)
     options = (

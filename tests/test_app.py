@@ -199,9 +199,10 @@ def test_generation_fills_only_its_own_session(context):
     ({"generator": "pyxtal", "n": 5, "elements": ["Ne", "Ar"]}, "charge-balanced"),
     ({"generator": "pyxtal", "n": 5, "template": [["Na", "4a"]]}, "needs a space group"),
     ({"generator": "no-such-generator", "n": 5}, "cannot be used"),
-    ({"generator": "pyxtal", "n": 5, "oversample": 3}, "no likelihood"),
-    ({"generator": "wyckoff-transformer", "n": 5, "oversample": 0}, "whole number from 1 to 20"),
-    ({"generator": "wyckoff-transformer", "n": 5, "oversample": 2.5}, "whole number from 1 to 20"),
+    ({"generator": "pyxtal", "n": 5, "options": {"oversample": 3}}, "has no option 'oversample'"),
+    ({"generator": "wyckoff-transformer", "n": 5, "options": {"oversample": 0}}, r"--oversample must be in \[1, 100\]"),
+    ({"generator": "wyckoff-transformer", "n": 5, "options": {"oversample": 2.5}}, "must be a whole number"),
+    ({"generator": "wyckoff-transformer", "n": 5, "options": {"weights": "/tmp"}}, "no option 'weights' to set per"),
 ])
 def test_generation_refuses_bad_input_and_keeps_candidates(context, request_kwargs, expected):
     from wyckoff_lab.widgets.jobs import GenerationRequest, JobError, run_generation
@@ -221,9 +222,9 @@ def test_ranked_generation_leaves_the_shared_generator_alone(context):
 
     shared = context.generator("wyckoff-transformer")
     summary = run_generation(context, SID["tab"], GenerationRequest("wyckoff-transformer", 4, elements=["Na", "Cl"],
-                                                               seed=0, oversample=3.0))
+                                                               seed=0, options={"oversample": 3.0}))
     assert summary["n"] == len(context.sessions.candidates(SID["tab"])) == 4 and summary["ranked_out"] == 8
-    assert context.sessions.get(SID["tab"], "generation")["oversample"] == 3
+    assert context.sessions.get(SID["tab"], "generation")["options"]["oversample"] == 3
     text = generation_message(summary, "wyckoff-transformer")
     assert "the most likely 4 of 12" in text and "attempts failed" not in text, text
     assert context.generator("wyckoff-transformer") is shared and shared.oversample == 1

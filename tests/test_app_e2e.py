@@ -129,8 +129,9 @@ def test_full_workflow_in_chromium(app_url, browser, tmp_path):
     wait.until(ec.element_to_be_clickable((By.ID, "wl-gen-run")))
     wait.until(lambda d: "pyxtal" in text("wl-gen-generator"))
     timings["page_interactive_s"] = time.perf_counter() - t0
-    # PyXtal has no likelihood: its form offers no ranking
-    wait.until(lambda d: not d.find_element(By.ID, "wl-gen-oversample").is_enabled())
+    # The options row holds PyXtal's declared options, and no ranking (PyXtal has no likelihood)
+    wait.until(lambda d: "Volume factor" in text("wl-gen-options"))
+    assert "Keep most likely" not in text("wl-gen-options")
 
     # 1. chemistry
     for symbol in SYSTEM:

@@ -312,7 +312,7 @@ def test_cli_sample_ranking_options_belong_to_the_transformer(shipped_generator,
     assert main(["sample", "--generator", "pyxtal", "--n", "2", "--top-p", "0.9"]) != 0
     assert "option of wyckoff-transformer" in capsys.readouterr().err
     assert main(["sample", "--n", "2", "--top-p", "1.5"]) != 0
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_ranking_takes_one_crystal_per_wyckoff_template_first():

@@ -189,7 +189,7 @@ class LabContext:
 
     def default_generator(self) -> str:
         names = self.generator_names()
-        preferred = [self.settings.default_generator, "wyckoff-transformer", "pyxtal", *names]
+        preferred = [self.settings.default_generator, *names]  # names: most preferred first
         for name in preferred:
             if name in names and self.generator_status(name)[0]:
                 return name

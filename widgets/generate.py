@@ -1,19 +1,18 @@
-"""Step 3, generate: generator, number of samples, temperature, seed, likelihood ranking and stability token, run
-in the background.
+"""Step 3, generate: generator, number of samples, temperature, seed, stability token and the generator's own
+options (likelihood ranking, top-p ...), run in the background.
 
-The generator list comes from the `Generator` registry, and each generator's declared `supported_conditions`,
-`uses_temperature` and `ranks_by_likelihood` decide which controls are enabled: a new generator appears here without
-UI changes.
+The generator list comes from the `Generator` registry; each generator's declared `supported_conditions` and
+`uses_temperature` decide which controls are enabled, and its declared per-request `options` become the inputs of
+its options row: a new generator appears here without UI changes.
 """
 
 from __future__ import annotations
 
-from dash import Input, Output, State, dcc, html, no_update
+from dash import ALL, Input, Output, State, dcc, html, no_update
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.context import WARMUP_WAIT_S
 from wyckoff_lab.widgets.jobs import (
     GENERATION_CANCELLED,
-    MAX_OVERSAMPLE,
     GenerationRequest,
     JobCancelled,
     JobError,
@@ -56,6 +55,12 @@ def controls_for(context, name: str | None) -> dict:
             "supported": sorted(supported)}
 
 
+def option_settings(name: str, ids: list | None, values: list | None) -> dict:
+    """{option: value} of generator `name`'s option inputs (a checkbox's list of ticks as a bool)."""
+    return {ident["name"]: (bool(value) if isinstance(value, list) else value)
+            for ident, value in zip(ids or [], values or []) if ident.get("generator") == name}
+
+
 class GeneratePanel(Widget):
     """Run a generator on the chosen chemistry and symmetry; progress bar and cancel; never blocks the page."""
 
@@ -78,13 +83,8 @@ class GeneratePanel(Widget):
                                                 step=0.05, value=1.0, className="input is-small")),
                 _field("Seed", dcc.Input(id=self.id("seed"), type="number", min=0, step=1, value=0,
                                          placeholder="random", className="input is-small")),
-                # Best-of-K by the model's likelihood per token. In `bench sun` K = 10 doubled the samples within
-                # 0.1 eV/atom of the hull unconditioned (smaller cells) and took them from 33 to 39 of 200 within
-                # eight chemical systems (README).
-                _field("Keep most likely 1 in", dcc.Input(id=self.id("oversample"), type="number", min=1,
-                                                          max=MAX_OVERSAMPLE, step=1, value=1,
-                                                          className="input is-small")),
             ], className="wl-row"),
+            html.Div([], id=self.id("options"), className="wl-row"),
             dcc.Dropdown(id=self.id("stability"), options=STABILITY_OPTIONS, value="", clearable=False),
             html.Div([
                 html.Button("Generate", id=self.id("run"), n_clicks=0, className="button is-primary"),
@@ -96,6 +96,36 @@ class GeneratePanel(Widget):
             html.Div(id=self.id("progress-label"), className="wl-progress-label"),
             html.Div(id=self.id("status"), className="wl-status"),
         ], className="wl-panel", id=self.id("panel"))
+
+    def option_inputs(self, name: str) -> list:
+        """One input per per-request option generator `name` declares (its default shown), ids tagged with the
+        generator so a value typed for one is never sent to another."""
+        from wyckoff_lab.core.generators import generator_class
+
+        try:
+            declared = generator_class(name).options
+        except ValueError:
+            return []
+        inputs = []
+        for option in declared:
+            if not option.per_request:
+                continue
+            ident = {"type": self.id("option"), "name": option.name, "generator": name}
+            if option.kind == "bool":
+                control = dcc.Checklist(id=ident, options=[{"label": option.ui_label, "value": "on"}],
+                                        value=["on"] if option.default else [], className="wl-check")
+            elif option.kind in ("int", "float"):
+                low = option.minimum if option.minimum is not None else option.above
+                control = dcc.Input(id=ident, type="number", min=low, max=option.maximum,
+                                    step=1 if option.kind == "int" else "any", value=option.default,
+                                    className="input is-small")
+            elif option.choices:
+                control = dcc.Dropdown(id=ident, options=list(option.choices), value=option.default, clearable=False)
+            else:
+                control = dcc.Input(id=ident, type="text", value=option.default, className="input is-small")
+            inputs.append(html.Div([html.Label(option.ui_label, className="label is-small", title=option.help),
+                                    control], className="wl-field wl-narrow", title=option.help))
+        return inputs
 
     @staticmethod
     def _note(controls: dict, description: str) -> str:
@@ -119,7 +149,7 @@ class GeneratePanel(Widget):
 
         @app.callback(
             Output(self.id("temperature"), "disabled"),
-            Output(self.id("oversample"), "disabled"),
+            Output(self.id("options"), "children"),
             Output(self.id("stability"), "disabled"),
             Output(self.id("note"), "children"),
             Input(self.id("generator"), "value"),
@@ -130,7 +160,7 @@ class GeneratePanel(Widget):
             controls = controls_for(context, name)
             usable, message = context.generator_status(name) if name else (False, "no generator")
             note = self._note(controls, message) if usable else f"Unavailable: {message}"
-            return not controls["temperature"], not controls["rank"], not controls["stability"], note
+            return not controls["temperature"], self.option_inputs(name), not controls["stability"], note
 
         @app.callback(
             Output(self.links.revision, "data", allow_duplicate=True),
@@ -144,8 +174,8 @@ class GeneratePanel(Widget):
             State(self.id("n"), "value"),
             State(self.id("temperature"), "value"),
             State(self.id("seed"), "value"),
-            State(self.id("oversample"), "value"),
-            State(self.id("oversample"), "disabled"),
+            State({"type": self.id("option"), "name": ALL, "generator": ALL}, "value"),
+            State({"type": self.id("option"), "name": ALL, "generator": ALL}, "id"),
             State(self.id("stability"), "value"),
             State(self.id("cancel"), "n_clicks"),
             background=True,
@@ -158,8 +188,8 @@ class GeneratePanel(Widget):
             interval=min(context.settings.progress_interval_ms, RESULT_POLL_MS),
             prevent_initial_call=True,
         )
-        def generate(set_progress, _clicks, session, chemistry, symmetry, name, n, temperature, seed, oversample,
-                     oversample_disabled, stability, cancel_clicks):
+        def generate(set_progress, _clicks, session, chemistry, symmetry, name, n, temperature, seed, option_values,
+                     option_ids, stability, cancel_clicks):
             chemistry, symmetry = chemistry or {}, symmetry or {}
             request = GenerationRequest(
                 generator=name, n=n, elements=chemistry.get("elements") or None,
@@ -167,7 +197,7 @@ class GeneratePanel(Widget):
                 spacegroup=symmetry.get("spacegroup"), template=symmetry.get("template"),
                 temperature=temperature or 1.0, seed=None if seed in (None, "") else int(seed),
                 stability=stability or None,
-                oversample=1 if oversample_disabled else oversample)
+                options=option_settings(name, option_ids, option_values))
             sid = (session or {}).get("sid")
             try:
                 summary = run_generation(context, sid, request,

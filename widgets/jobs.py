@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pymatgen.core import Composition, Structure
 from wyckoff_lab.widgets.context import LabContext
@@ -87,10 +87,6 @@ class Throttle:
 # -- generation -----------------------------------------------------------------------------------------------------
 
 
-# "Keep the most likely 1 in K" samples K * n sequences; in the README, K = 30 gained nothing over K = 10.
-MAX_OVERSAMPLE = 20
-
-
 @dataclass
 class GenerationRequest:
     generator: str
@@ -103,7 +99,8 @@ class GenerationRequest:
     temperature: float = 1.0
     seed: int | None = None
     stability: str | None = None
-    oversample: int = 1  # keep the most likely 1 in K (generators with `ranks_by_likelihood`)
+    # The generator's per-request options (its declared `GeneratorOption`s, e.g. {"oversample": 3}).
+    options: dict = field(default_factory=dict)
 
 
 def conditions_for(request: GenerationRequest):
@@ -202,16 +199,11 @@ def generate_in_workers(generator, n: int, conditions, temperature: float, seed:
     return merged
 
 
-def ranked_generator(generator, oversample):
-    """`generator.ranked(oversample)`, with a clear JobError for a value outside 1..MAX_OVERSAMPLE or a generator
-    that has no likelihood to rank by."""
-    k = 1 if oversample in (None, "") else oversample
-    if isinstance(k, float) and k.is_integer():
-        k = int(k)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_OVERSAMPLE:
-        raise JobError(f"'Keep most likely 1 in' takes a whole number from 1 to {MAX_OVERSAMPLE}, got {oversample!r}")
+def configured_generator(generator, options: dict):
+    """`generator.with_options(**options)`: a copy sharing the loaded model, or a clear JobError for an option the
+    generator does not take or a value its declaration refuses."""
     try:
-        return generator.ranked(k)
+        return generator.with_options(**(options or {}))
     except ValueError as exc:
         raise JobError(str(exc)) from None
 
@@ -233,7 +225,7 @@ def run_generation(context: LabContext, session: str, request: GenerationRequest
     except Exception as exc:  # ModelLoadError and friends: the reason is what the user needs
         raise JobError(f"The {request.generator} generator cannot be used: {exc}") from None
     conditions = conditions_for(request)
-    generator = ranked_generator(generator, request.oversample)
+    generator = configured_generator(generator, request.options)
     stop = JobCancelled(GENERATION_CANCELLED)
     if cancelled():  # pressed while the job still waited for the app's warm-up
         raise stop
@@ -259,7 +251,8 @@ def run_generation(context: LabContext, session: str, request: GenerationRequest
     context.sessions.set(session, "generation", {"generator": request.generator, "conditions": conditions.as_dict(),
                                                  "seconds": result.seconds, "attempts": result.attempts,
                                                  "failures": result.failures,
-                                                 "oversample": getattr(generator, "oversample", 1)})
+                                                 "options": {o.name: getattr(generator, o.name, None)
+                                                             for o in generator.options if o.per_request}})
     return {"n": len(records), "attempts": result.attempts, "failures": result.failures,
             "rejected": dict(getattr(result, "rejected", None) or {}), "ranked_out": result.ranked_out,
             "seconds": result.seconds,

@@ -25,8 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--potential", default=None, choices=("mattersim", "chgnet"),
                    help="relaxation potential (default: MatterSim when its checkpoint can be had, else CHGNet)")
     p.add_argument("--generator", default=None,
-                   help="generator selected at start (default: the Wyckoff transformer, else PyXtal)")
-    p.add_argument("--elements", default="", help="preselect a chemical system, e.g. Al,Ca,Cu")
+                   help="generator selected at start (default: the most preferred registered one that loads)")
+    p.add_argument("--elements", default="", help="preselect a chemical system, e.g. Al,Ca,Cu or Al-Ca-Cu")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--relax-max-steps", type=int, default=300,
                    help="FIRE steps per relaxation, candidates and hull references alike (default 300)")
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); "
                                "is the app already running? try --port") from None
 
+    from wyckoff_lab.app.generator_flags import chemical_system
     from wyckoff_lab.widgets.context import LabContext, LabSettings, extra_hosts
     from wyckoff_lab.widgets.explorer import create_app
     from wyckoff_lab.widgets.security import allowed_host_names
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     context = LabContext(LabSettings(potential=args.potential, device=args.device, default_generator=args.generator,
                                      relax_max_steps=args.relax_max_steps, default_samples=args.samples,
                                      allowed_hosts=hosts))
-    elements = [e.strip() for e in args.elements.split(",") if e.strip()]
+    elements = list(chemical_system(args.elements, "--elements")) if args.elements.strip() else []
     app = create_app(context, elements=elements)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}/"
 

@@ -16,8 +16,8 @@ import sys
 import time
 
 from wyckoff_lab.app.cli import CommandError, emit
+from wyckoff_lab.app.generator_flags import generator_names, given_options
 
-TRANSFORMER, PYXTAL = "wyckoff-transformer", "pyxtal"
 WARMUP_STRUCTURES = 2  # generated untimed first, so lazy loading (weights, tables, CUDA) is not charged
 # Bench key -> key of `metrics.evaluate` (novelty against MP-20 train, distances to MP-20 test).
 EVALUATE_KEYS = {"structural_validity": "struct_validity", "bond_consistency": "bond_consistency",
@@ -26,27 +26,22 @@ EVALUATE_KEYS = {"structural_validity": "struct_validity", "bond_consistency": "
 RATE_KEYS = ("sequence_validity", *EVALUATE_KEYS)  # every per-run value in [0, 1]
 
 
-WEIGHTS_HELP = "Wyckoff transformer weights folder (default: the shipped assets/models/wyckoff_transformer)"
-OVERSAMPLE_HELP = ("the transformer draws K times the structures asked for and keeps those the model finds most "
-                   "likely per token (default 1: no ranking)")
+GENERATORS_HELP = "comma-separated registered generators, or 'all' (default)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from wyckoff_lab.app.generator_flags import add_generator_flags
     bench = subparsers.add_parser("bench", help="benchmark generators on this machine")
     actions = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     p = actions.add_parser("generate", help="valid structures per minute and sample quality of each generator")
     p.add_argument("--n", type=int, default=1000, help="structures requested per generator and temperature")
-    p.add_argument("--generators", default="wyckoff-transformer,pyxtal", help="comma-separated generator names")
+    p.add_argument("--generators", default="all", help=GENERATORS_HELP)
     p.add_argument("--temperatures", default="0.7,1.0,1.3",
                    help="sampling temperatures (generators without one run once, under '1.0')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--symprec", type=float, default=0.1, help="spglib tolerance in Å (default 0.1)")
-    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    p.add_argument("--oversample", type=int, default=1, metavar="K", help=OVERSAMPLE_HELP)
-    p.add_argument("--no-resample", action="store_true",
-                   help="the transformer without its quality gate (no resampling of structures with sites closer "
-                        "than 0.7 Å or a space group other than the sampled one): the raw model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_generator_flags(p)
     p.set_defaults(func=run_generate)
 
     p = actions.add_parser("sun", help="S.U.N. / M.S.U.N. rates after ML relaxation and ML hulls")
@@ -54,10 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--relax", default=None, metavar="POTENTIAL",
                    help="chgnet or mattersim, for samples and hull references alike (default: MatterSim if it "
                         "can be had, else CHGNet)")
-    p.add_argument("--generators", default="wyckoff-transformer,pyxtal", help="comma-separated generator names")
+    p.add_argument("--generators", default="all", help=GENERATORS_HELP)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    p.add_argument("--oversample", type=int, default=1, metavar="K", help=OVERSAMPLE_HELP)
     p.add_argument("--stability", choices=["low", "high"], default=None,
                    help="stability token to condition on, for generators that support it (the transformer)")
     p.add_argument("--max-references", type=int, default=3,
@@ -69,16 +62,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_generator_flags(p)
     p.set_defaults(func=run_sun)
 
     p = actions.add_parser("recover", help="known held-out MP-20 structures found within sampling budgets")
     p.add_argument("--systems", default="auto",
                    help="'auto' (held-out ternary systems chosen from MP-20) or comma-separated systems, "
                         "e.g. Al-Ca-Cu,Ga-La-O")
-    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    p.add_argument("--oversample", type=int, default=1, metavar="K", help=OVERSAMPLE_HELP)
     p.add_argument("--budgets", default="100,500,2000", help="comma-separated sample counts to report at")
-    p.add_argument("--generators", default="wyckoff-transformer,pyxtal", help="comma-separated generator names")
+    p.add_argument("--generators", default="all", help=GENERATORS_HELP)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--relax", default=None, metavar="POTENTIAL",
                    help="also match each sample of a known formula after a short relaxation with this potential "
@@ -86,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device for --relax (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_generator_flags(p)
     p.set_defaults(func=run_recover)
 
 
@@ -95,10 +88,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise CommandError(f"--n must be at least 1, got {args.n}")
     temperatures = _parse_temperatures(args.temperatures)
-    names = _parse_names(args.generators)
+    names = generator_names(args.generators)
     progress = sys.stderr.isatty()
-    generators = load_generators(names, raw_transformer=args.no_resample, weights=args.weights,
-                                 oversample=args.oversample)
+    generators = load_generators(names, args)
     if _nothing_to_run("generate", generators, args.json):
         return 1
     try:
@@ -106,8 +98,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except DataUnavailableError as exc:
         raise CommandError(f"the benchmark needs MP-20 (train for novelty, test for distributions): {exc}") from None
 
-    report: dict = {"machine": machine_info(), "n": args.n, "seed": args.seed, "resample": not args.no_resample,
-                    "oversample": args.oversample,
+    report: dict = {"machine": machine_info(), "n": args.n, "seed": args.seed, "options": given_options(args),
                     "novelty_reference_size": len(train), "generators": {}}
     for name, generator in generators.items():
         if isinstance(generator, Exception):
@@ -118,8 +109,19 @@ def run_generate(args: argparse.Namespace) -> int:
         report["generators"][name] = {
             str(t): bench_generator(generator, args.n, t, args.seed, train, test_stats, args.symprec)
             for t in runs}
+    report["ratios_over_baseline"] = generate_ratios(report["generators"])
     emit(report, args.json, format_report(report))
     return _exit_code("generate", {name: row.get("error") for name, row in report["generators"].items()})
+
+
+def generate_ratios(rows: dict) -> dict:
+    """{"<generator> T=<t>": valid structures per minute / the baseline's, measured in this run}."""
+    baseline = _baseline_name(rows)
+    if baseline is None or "error" in rows[baseline]:
+        return {}
+    base = next(iter(rows[baseline].values()))["valid_per_min"]  # a baseline without temperature runs once
+    return {f"{name} T={t}": round(row["valid_per_min"] / base, 2) if base else None
+            for name, runs in rows.items() if name != baseline and "error" not in runs for t, row in runs.items()}
 
 
 def _nothing_to_run(benchmark: str, generators: dict, as_json: bool) -> bool:
@@ -225,34 +227,39 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def load_generators(names: list[str], raw_transformer: bool = False, weights: str | None = None,
-                    oversample: int = 1) -> dict:
+def load_generators(names: list[str], args: argparse.Namespace) -> dict:
     """name -> Generator, or the ValueError that loading it raised (an unknown name, or weights not shipped or
-    unreadable: ModelLoadError), so that one missing generator is reported without stopping the others.
-    `weights` is a transformer weights folder other than the shipped one (e.g. a run's `best/`); `oversample` the
-    likelihood ranking (`Generator.ranked`) of every generator that has one; the others run as they are."""
+    unreadable: ModelLoadError), so that one missing generator is reported without stopping the others. Each gets
+    the generator flags given that it declares (e.g. --weights, --oversample for the transformer); a flag that
+    no generator of the run declares is refused."""
+    from wyckoff_lab.app.generator_flags import check_options_used, generator_kwargs
     from wyckoff_lab.core.generators import get_generator
 
-    if oversample < 1:
-        raise CommandError(f"--oversample must be at least 1, got {oversample}")
+    check_options_used(names, args)
     generators: dict = {}
     for name in names:
-        options = {}
-        if name == TRANSFORMER:
-            options = ({"resample": False} if raw_transformer else {}) | ({"weights": weights} if weights else {})
         try:
-            generator = get_generator(name, **options)
-            generators[name] = generator.ranked(oversample) if generator.ranks_by_likelihood else generator
+            generators[name] = get_generator(name, **generator_kwargs(name, args, strict=False))
         except ValueError as exc:
             generators[name] = exc
     return generators
 
 
-def _parse_names(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise CommandError("--generators names no generator")
-    return names
+def _baseline_name(rows: dict) -> str | None:
+    from wyckoff_lab.core.generators import available_generators, generator_class
+
+    return next((n for n in rows if n in available_generators() and generator_class(n).is_baseline), None)
+
+
+def baseline_ratios(rows: dict, key: str) -> dict:
+    """{generator: its `key` / the baseline's} for every generator beside the run's baseline (the registered
+    generator with `is_baseline`, e.g. PyXtal); None where either value is missing or the baseline's is 0."""
+    baseline = _baseline_name(rows)
+    if baseline is None or "error" in rows[baseline]:
+        return {}
+    base = rows[baseline].get(key)
+    return {name: (row.get(key) / base if row.get(key) is not None and base else None)
+            for name, row in rows.items() if name != baseline and "error" not in row}
 
 
 def _parse_temperatures(text: str) -> list[float]:
@@ -281,6 +288,9 @@ def format_report(report: dict) -> str:
             cells = [f"{row['valid_per_min']:.1f}"] + ["n/a" if row[k] is None else f"{row[k]:.3f}" for k in RATE_KEYS]
             lines.append(" ".join([name.ljust(widths[0]), temperature.ljust(widths[1])]
                                   + [c.rjust(w) for c, w in zip(cells, widths[2:])]))
+    baseline = _baseline_name(report["generators"])
+    for run, ratio in report.get("ratios_over_baseline", {}).items():
+        lines.append(f"valid/min of {run} over {baseline}: {'n/a' if ratio is None else f'{ratio:.2f}x'}")
     return "\n".join(lines)
 
 
@@ -288,7 +298,7 @@ def format_report(report: dict) -> str:
 
 
 def run_sun(args: argparse.Namespace) -> int:
-    from wyckoff_lab.core.benchmarks import HullBook
+    from wyckoff_lab.core.pipeline import HullBook
     from wyckoff_lab.core.paths import DataUnavailableError
     from wyckoff_lab.core.relax import PotentialError, resolve_potential
 
@@ -301,13 +311,13 @@ def run_sun(args: argparse.Namespace) -> int:
     systems = _parse_systems(args.systems) if args.systems else [None]
     if len(systems) > args.n:
         raise CommandError(f"--n {args.n} is fewer than the {len(systems)} systems asked for")
-    names = _parse_names(args.generators)
+    names = generator_names(args.generators)
     progress = sys.stderr.isatty()
     try:
         potential = resolve_potential(args.relax, args.device)
     except PotentialError as exc:
         raise CommandError(str(exc)) from None
-    generators = load_generators(names, weights=args.weights, oversample=args.oversample)
+    generators = load_generators(names, args)
     if _nothing_to_run("sun", generators, args.json):
         return 1
     try:  # before any relaxation, so a missing dataset fails fast
@@ -315,10 +325,10 @@ def run_sun(args: argparse.Namespace) -> int:
     except DataUnavailableError as exc:
         raise CommandError(f"S.U.N. needs MP-20 (train for novelty, all splits for hulls): {exc}") from None
 
-    book = HullBook(potential, args.max_references or None)
+    book = HullBook(potential, args.max_references or None)  # the candidates' relaxation settings, too
     report: dict = {"machine": machine_info(), "n": args.n, "potential": potential.name,
                     "potential_identity": potential.identity, "temperature": args.temperature,
-                    "stability": args.stability, "oversample": args.oversample,
+                    "stability": args.stability, "options": given_options(args),
                     "max_references": args.max_references, "seed": args.seed,
                     "systems": None if systems == [None] else systems, "novelty_reference_size": len(train),
                     "generators": {}}
@@ -326,32 +336,26 @@ def run_sun(args: argparse.Namespace) -> int:
         if isinstance(generator, Exception):
             report["generators"][name] = {"error": str(generator)}
             continue
-        report["generators"][name] = sun_of_generator(generator, args, systems, potential, book, train, progress)
-    for rate in ("sun_rate", "msun_rate"):
-        rates = {name: row.get(rate) for name, row in report["generators"].items()}
-        report[f"{rate.removesuffix('_rate')}_ratio_transformer_over_pyxtal"] = (
-            rates[TRANSFORMER] / rates[PYXTAL] if rates.get(TRANSFORMER) is not None and rates.get(PYXTAL) else None)
-    report["hull_systems"] = len(book.seconds)
-    report["hull_systems_from_cache"] = sum(book.from_cache.values())
-    report["hull_total_s"] = round(sum(book.seconds.values()), 2)
+        report["generators"][name] = sun_of_generator(generator, args, systems, book, train, progress)
+    report["ratios_over_baseline"] = {rate: baseline_ratios(report["generators"], rate)
+                                      for rate in ("sun_rate", "msun_rate")}
+    report |= book.as_dict()
     report = _strict(report)
     emit(report, args.json, format_sun(report))
     return _exit_code("sun", {name: row.get("error") for name, row in report["generators"].items()})
 
 
-def sun_of_generator(generator, args: argparse.Namespace, systems: list[str | None], potential, book, train,
+def sun_of_generator(generator, args: argparse.Namespace, systems: list[str | None], book, train,
                      progress: bool) -> dict:
     """Sample (args.n split evenly over `systems`, None meaning unconditioned), relax every structure, place it on
-    its system's hull, then count S.U.N. and M.S.U.N.
+    its system's hull from `book`, then count S.U.N. and its kin under each protocol (`core.pipeline`).
 
     The stability condition goes only to generators that honour it: PyXtal has no such control, and refusing the
     whole run for it would leave the baseline out.
     """
-    from collections import Counter
-
-    from wyckoff_lab.core.benchmarks import merge_samples, place_on_hulls, relax_all, sample_structures, sun_summary
+    from wyckoff_lab.core.benchmarks import merge_samples, sample_structures
     from wyckoff_lab.core.generators import Conditions
-    from wyckoff_lab.core.hull import USABLE_STATUSES
+    from wyckoff_lab.core.pipeline import relax_and_place, sun_summary
 
     stability = args.stability if "stability" in generator.supported_conditions else None
     shares = [args.n // len(systems) + (i < args.n % len(systems)) for i in range(len(systems))]
@@ -361,19 +365,12 @@ def sun_of_generator(generator, args: argparse.Namespace, systems: list[str | No
                                  desc=f"{generator.name} sampling {system or ''}")
                for system, share in zip(systems, shares)]
     sample = merge_samples(samples)
-    results, relax_s = relax_all([c.structure for c in sample.candidates], potential, progress=progress,
-                                 desc=f"{generator.name} relaxing")
-    placement = place_on_hulls(results, book, progress)
-    usable = [r.status in USABLE_STATUSES for r in results]
-    relaxed = [r.final if ok else r.initial for r, ok in zip(results, usable)]
-    statuses = Counter(r.status for r in results)
+    placed = relax_and_place([c.structure for c in sample.candidates], book, progress,
+                             desc=f"{generator.name} relaxing")
     return {"stability_condition": stability, "requested": sample.requested, "structures": len(sample.candidates),
             "attempts": sample.attempts, "generation_failures": sample.failures,
-            "generation_s": round(sample.seconds, 2),
-            "relaxed": sum(usable), "converged": statuses["converged"], "relax_status": dict(statuses),
-            "relax_s": round(relax_s, 2), "hull_systems": len(placement.systems),
-            "hull_s": round(placement.seconds(book), 2), "hull_failed": placement.n_hull_failed,
-            "hull_failures": placement.failures} | sun_summary(relaxed, placement.e_above_hull, train)
+            "generation_s": round(sample.seconds, 2)} | placed.as_dict() | sun_summary(
+        placed.structures, placed.e_above_hull, train).as_dict()
 
 
 def _strict(value):
@@ -420,12 +417,14 @@ def format_sun(report: dict) -> str:
                      f"{row['hull_systems']} chemical systems")
         within = ", ".join(f"< {t} eV/atom: {k}" for t, k in row["n_sun_within_ev"].items())
         lines.append(f"  S.U.N. by threshold: {within}")
+        protocols = ", ".join(f"{p['label']} {p['n']}" for p in row["sun_protocols"].values())
+        lines.append(f"  by protocol (of {row['structures']}): {protocols}")
         for system, reason in row["hull_failures"].items():
             lines.append(f"  no hull for {system}: {reason}")
-    if TRANSFORMER in report["generators"] and PYXTAL in report["generators"]:
-        for label, key in (("S.U.N.", "sun"), ("M.S.U.N.", "msun")):
-            ratio = report[f"{key}_ratio_transformer_over_pyxtal"]
-            lines.append(f"{label} ratio {TRANSFORMER} / {PYXTAL}: {'n/a' if ratio is None else f'{ratio:.2f}'}")
+    baseline = _baseline_name(report["generators"])
+    for label, key in (("S.U.N.", "sun_rate"), ("M.S.U.N.", "msun_rate")):
+        for name, ratio in report["ratios_over_baseline"].get(key, {}).items():
+            lines.append(f"{label} ratio {name} / {baseline}: {'n/a' if ratio is None else f'{ratio:.2f}'}")
     lines.append("S.U.N.: relaxed, valid, unique, novel vs MP-20 train, >= 2 elements, E_hull <= 0 eV/atom; M.S.U.N.: "
                  "the same below 0.1 eV/atom")
     lines.append(f"{report['hull_systems']} hulls ({report['hull_systems_from_cache']} from cache) in "
@@ -452,7 +451,7 @@ def run_recover(args: argparse.Namespace) -> int:
     from wyckoff_lab.core.relax import PotentialError, resolve_potential
 
     budgets = _parse_budgets(args.budgets)
-    names = _parse_names(args.generators)
+    names = generator_names(args.generators)
     auto = args.systems.strip() == "auto"
     systems = None if auto else _parse_systems(args.systems)
     if not math.isfinite(args.temperature) or args.temperature <= 0:
@@ -478,7 +477,7 @@ def run_recover(args: argparse.Namespace) -> int:
     if empty:
         raise CommandError(f"no MP-20 val/test structure in {', '.join(empty)}: nothing to recover")
 
-    generators = load_generators(names, weights=args.weights, oversample=args.oversample)
+    generators = load_generators(names, args)
     report: dict = {"machine": machine_info(), "budgets": budgets, "temperature": args.temperature,
                     "seed": args.seed, "relax": potential.name if potential else None,
                     "relax_steps": RECOVER_RELAX_STEPS if potential else None, "selection": selection,
@@ -510,17 +509,9 @@ def recover_with(generator, system: str, known, budgets: list[int], args: argpar
     With a potential, samples whose reduced formula is a known one are also tried after a short relaxation; the
     formula filter keeps that to a small share of the samples.
     """
-    from collections import Counter
-
-    from wyckoff_lab.core.benchmarks import (
-        RECOVER_RELAX_STEPS,
-        count_within,
-        first_matches,
-        relax_all,
-        sample_structures,
-    )
+    from wyckoff_lab.core.benchmarks import RECOVER_RELAX_STEPS, count_within, first_matches, sample_structures
     from wyckoff_lab.core.generators import Conditions
-    from wyckoff_lab.core.hull import USABLE_STATUSES
+    from wyckoff_lab.core.pipeline import relax_candidates
 
     try:
         sample = sample_structures(generator, max(budgets), Conditions(elements=tuple(system.split("-"))),
@@ -534,12 +525,12 @@ def recover_with(generator, system: str, known, budgets: list[int], args: argpar
     forms = [[structure] for structure in structures]
     entry: dict = {}
     if potential is not None:
-        results, relax_s = relax_all([structures[i] for i in chosen], potential, RECOVER_RELAX_STEPS, progress,
-                                     desc=f"{generator.name} {system} relaxing")
-        for i, result in zip(chosen, results):
-            if result.status in USABLE_STATUSES:
+        relaxation = relax_candidates([structures[i] for i in chosen], potential, max_steps=RECOVER_RELAX_STEPS,
+                                      progress=progress, desc=f"{generator.name} {system} relaxing")
+        for i, result, usable in zip(chosen, relaxation.results, relaxation.usable):
+            if usable:
                 forms[i].append(result.final)
-        entry = {"relax_status": dict(Counter(r.status for r in results)), "relax_s": round(relax_s, 2)}
+        entry = relaxation.as_dict()
     start = time.perf_counter()
     first = first_matches(forms, known)
     return {"known": len(known), "recovered": count_within(first, budgets),
@@ -572,17 +563,11 @@ def _parse_budgets(text: str) -> list[int]:
 
 
 def _parse_systems(text: str) -> list[str]:
-    """'Al-Ca-Cu, Ga-La-O' -> ['Al-Ca-Cu', 'Ga-La-O'], elements checked and sorted as MP-20 writes chemsys."""
-    from pymatgen.core import Element
+    """'Al-Ca-Cu,Ga-La-O' or 'Al,Ca,Cu; Ga,La,O' -> ['Al-Ca-Cu', 'Ga-La-O'] (elements sorted as MP-20 writes
+    chemsys)."""
+    from wyckoff_lab.app.generator_flags import chemical_systems
 
-    systems = []
-    for item in text.split(","):
-        elements = sorted({e.strip() for e in item.split("-") if e.strip()})
-        unknown = [e for e in elements if not Element.is_valid_symbol(e)]
-        if unknown or not elements:
-            raise CommandError(f"--systems: cannot read {item.strip()!r} as a chemical system like Al-Ca-Cu")
-        systems.append("-".join(elements))
-    return list(dict.fromkeys(systems))
+    return list(dict.fromkeys("-".join(sorted(system)) for system in chemical_systems(text, "--systems")))
 
 
 def format_recover(report: dict) -> str:

@@ -15,7 +15,7 @@ CONFIRM_ABOVE_UNCACHED = 50
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("hull", help="convex hull of a chemical system with ML energies; e_above_hull of CIFs")
-    p.add_argument("--elements", required=True, help="comma-separated elements, e.g. Li,Fe,O")
+    p.add_argument("--elements", required=True, help="chemical system, e.g. Li,Fe,O or Li-Fe-O")
     p.add_argument("--candidates", type=Path, default=None, help="folder of candidate CIFs to place on the hull")
     p.add_argument("--potential", default=None, help="mattersim or chgnet (default: MatterSim if it can be had)")
     p.add_argument("--dataset", default="mp_20", help="dataset whose phases are the references (default mp_20)")
@@ -34,19 +34,16 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from pymatgen.core import Element
 
     from wyckoff_lab.app.commands.relax import check_settings
+    from wyckoff_lab.app.generator_flags import chemical_system
     from wyckoff_lab.core.datasets import dataset_spec
     from wyckoff_lab.core.hull import HullPlan, HullReference
     from wyckoff_lab.core.relax import PotentialError
     from wyckoff_lab.core.structures import StructureInputError, read_input_files
 
     t0 = time.perf_counter()
-    elements = [e.strip() for e in args.elements.split(",") if e.strip()]
-    unknown = [e for e in elements if not Element.is_valid_symbol(e)]
-    if unknown or not elements:
-        raise CommandError(f"unknown element(s) in --elements {args.elements!r}: {', '.join(unknown) or 'none given'}")
+    elements = list(chemical_system(args.elements))
     check_settings(args)
     if args.max_references < 0:
         raise CommandError(f"--max-references must be >= 0 (0 = all), not {args.max_references}")

@@ -20,27 +20,25 @@ EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT
 
 
 def register(subparsers) -> None:
+    from wyckoff_lab.app.generator_flags import add_generator_flags, default_generator
+
     parser = subparsers.add_parser(
         "sample", help="generate crystal structures",
         description="Generate crystal structures. Runs are cut into chunks of "
                     f"{FIRST_CHUNK}, then {CHUNK} structures, written as they are made (Ctrl-C keeps those made, "
                     f"exit code {EXIT_INTERRUPTED}); with --seed S, chunk 0 is sampled with seed S and chunk i with "
                     "numpy's SeedSequence(S, spawn_key=(i,)), so the same seed and --n give the same structures.")
-    parser.add_argument("--generator", default="wyckoff-transformer")
+    parser.add_argument("--generator", default=None,
+                        help="a registered generator (default: the most preferred one, "
+                             f"{default_generator()}); its options below")
     parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--elements", default=None, help="chemical system, e.g. Al,Ca,Cu")
+    parser.add_argument("--elements", default=None, help="chemical system, e.g. Al,Ca,Cu or Al-Ca-Cu")
     parser.add_argument("--formula", default=None)
     parser.add_argument("--spacegroup", type=int, default=None)
     parser.add_argument("--template", default=None, help="pinned orbits, e.g. Ca:2a,Cu:4d (needs --spacegroup)")
     parser.add_argument("--stability", choices=["low", "high"], default=None)
     parser.add_argument("--max-atoms", type=int, default=None, help="atoms in the primitive cell")
     parser.add_argument("--temperature", type=float, default=1.0, help="a finite number > 0 (default 1)")
-    parser.add_argument("--top-p", type=float, default=None,
-                        help="nucleus sampling, in (0, 1]: keep the smallest set of tokens reaching this probability "
-                             "(wyckoff-transformer; default 1.0, off)")
-    parser.add_argument("--oversample", type=int, default=None, metavar="K",
-                        help="draw K times --n structures and keep those the model finds most likely per token, "
-                             "within each chunk (wyckoff-transformer; default 1)")
     parser.add_argument("--seed", type=int, default=None, help="makes the run reproducible (see above)")
     parser.add_argument("--out", default=None,
                         help="new or empty folder for CIFs, candidates.extxyz and candidates.json (written in a "
@@ -48,6 +46,7 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an --out folder of an earlier sample run (refused if it holds other files)")
     parser.add_argument("--json", action="store_true")
+    add_generator_flags(parser)
     parser.set_defaults(func=_sample)
 
 
@@ -79,30 +78,24 @@ def _sample(args) -> int:
     from tqdm import tqdm
 
     from wyckoff_lab.app.cli import CommandError, emit
-    from wyckoff_lab.core.generators import Conditions, describe_failure, get_generator
+    from wyckoff_lab.app.generator_flags import chemical_system, default_generator, generator_kwargs
+    from wyckoff_lab.core.generators import Conditions, describe_failure, generator_class, get_generator
 
     if args.n < 1:
         raise CommandError(f"--n must be at least 1, got {args.n}")
     # Checked here, not by argparse, so main() returns 2 with one line: NaN breaks the sampler, inf the JSON.
     if not math.isfinite(args.temperature) or args.temperature <= 0:
         raise CommandError(f"--temperature must be a finite number > 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails this too
-        raise CommandError(f"--top-p (nucleus sampling's top_p) must be in (0, 1], got {args.top_p}")
+    args.generator = args.generator or default_generator()
+    kwargs = generator_kwargs(args.generator, args)  # unknown generator, foreign or bad option: before any work
     conditions = Conditions(
-        elements=tuple(e.strip() for e in args.elements.split(",")) if args.elements else None,
+        elements=chemical_system(args.elements) if args.elements else None,
         formula=args.formula, spacegroup=args.spacegroup, template=parse_template(args.template, args.spacegroup),
         stability=args.stability, max_atoms=args.max_atoms)
-    _check_feasible(conditions)
-    if args.top_p is not None and args.generator != "wyckoff-transformer":
-        raise CommandError(f"--top-p is an option of wyckoff-transformer, not {args.generator}")
+    _check_feasible(conditions, generator_class(args.generator).default_max_atoms, args.generator)
     out = _check_out(args.out, args.overwrite) if args.out else None  # before any sampling
-    generator = get_generator(args.generator, **({"top_p": args.top_p} if args.top_p is not None else {}))
-    if args.oversample is not None:
-        generator = generator.ranked(args.oversample)  # refused by generators without a likelihood
-    if not conditions.max_atoms:
-        _check_feasible(conditions, _default_max_atoms(generator), args.generator)
-    options = {key: value for key, value in (("top_p", args.top_p), ("oversample", args.oversample))
-               if value is not None}
+    generator = get_generator(args.generator, **kwargs)
+    options = {key: value for key, value in kwargs.items() if key != "weights"}
 
     try:
         writer = _Writer(out) if out else None
@@ -171,8 +164,8 @@ def _sample(args) -> int:
 
 
 def _check_feasible(conditions, default_max_atoms: int | None = None, generator: str = "") -> None:
-    """Refuse, with the reason, conditions no sample can meet, before sampling (and, but for the generator's own
-    atom limit, before loading a model): each attempt would otherwise end in a dead end, counted but unexplained."""
+    """Refuse, with the reason, conditions no sample can meet, before loading a model (the generator's atom limit
+    is its class's `default_max_atoms`): each attempt would otherwise end in a dead end, counted but unexplained."""
     from pymatgen.core import Composition
 
     from wyckoff_lab.app.cli import CommandError
@@ -196,14 +189,6 @@ def _check_feasible(conditions, default_max_atoms: int | None = None, generator:
     if len(system) > limit:
         raise CommandError(f"the chemical system {'-'.join(system)} has {len(system)} elements, more than "
                            f"{where}: no cell can hold one atom of each")
-
-
-def _default_max_atoms(generator) -> int | None:
-    """The primitive-cell atom limit a generator uses without --max-atoms: its module's DEFAULT_MAX_ATOMS (both
-    built-in generators have one), None for a generator that declares none."""
-    module = sys.modules.get(type(generator).__module__)
-    limit = getattr(module, "DEFAULT_MAX_ATOMS", None)
-    return limit if isinstance(limit, int) else None
 
 
 def _check_out(text: str, overwrite: bool):

@@ -217,14 +217,32 @@ class GeneratorOption:
     kind: str
     default: object
     help: str
-    minimum: float | None = None
-    maximum: float | None = None
+    minimum: float | None = None  # inclusive
+    maximum: float | None = None  # inclusive
+    above: float | None = None  # exclusive lower bound (top-p is in (0, 1])
     choices: tuple[str, ...] = ()
     flag: str | None = None
+    label: str | None = None  # the app's label (default: the name in words)
+    # Settable per request on a loaded generator (`Generator.with_options`); False for what loading depends on
+    # (weights, device), which only the CLI and the app's start-up settings set.
+    per_request: bool = True
+
+    @property
+    def ui_label(self) -> str:
+        return self.label or self.name.replace("_", " ").capitalize()
 
     @property
     def cli_flag(self) -> str:
         return self.flag or "--" + self.name.replace("_", "-")
+
+    def range_text(self) -> str:
+        low = (f"({self.above:g}" if self.above is not None else
+               f"[{self.minimum:g}" if self.minimum is not None else None)
+        if low and self.maximum is not None:
+            return f"in {low}, {self.maximum:g}]"
+        if low:
+            return f"{'above' if self.above is not None else 'at least'} {low[1:]}"
+        return f"at most {self.maximum:g}" if self.maximum is not None else "a finite number"
 
     def parse(self, value):
         """`value` (a string from the command line, or a value from the app) as this option's type, checked;
@@ -233,26 +251,24 @@ class GeneratorOption:
 
         if value is None:
             return None
-        try:
-            if self.kind == "float":
+        if self.kind in ("float", "int"):
+            try:
                 parsed = float(value)
-                if not math.isfinite(parsed):
-                    raise ValueError("not a finite number")
-            elif self.kind == "int":
-                parsed = float(value)
-                if parsed != int(parsed):
-                    raise ValueError("not a whole number")
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.cli_flag} must be a number, got {value!r}") from None
+            if self.kind == "int":
+                if not math.isfinite(parsed) or parsed != int(parsed):
+                    raise ValueError(f"{self.cli_flag} must be a whole number, got {value!r}")
                 parsed = int(parsed)
-            elif self.kind == "bool":
-                parsed = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-            else:
-                parsed = str(value)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{self.cli_flag} must be a {self.kind}: {value!r} ({exc})") from None
-        if self.minimum is not None and parsed < self.minimum:
-            raise ValueError(f"{self.cli_flag} must be at least {self.minimum:g}, got {parsed!r}")
-        if self.maximum is not None and parsed > self.maximum:
-            raise ValueError(f"{self.cli_flag} must be at most {self.maximum:g}, got {parsed!r}")
+            in_range = (math.isfinite(parsed) and (self.minimum is None or parsed >= self.minimum)
+                        and (self.maximum is None or parsed <= self.maximum)
+                        and (self.above is None or parsed > self.above))
+            if not in_range:  # NaN and infinities fail here too
+                raise ValueError(f"{self.cli_flag} must be {self.range_text()}, got {parsed}")
+            return parsed
+        if self.kind == "bool":
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        parsed = str(value)
         if self.choices and parsed not in self.choices:
             raise ValueError(f"{self.cli_flag} must be one of {', '.join(self.choices)}, got {parsed!r}")
         return parsed
@@ -289,6 +305,8 @@ class Generator(abc.ABC):
     parallel_safe: ClassVar[bool] = False
     # The generator has a likelihood to rank its own samples by (see `ranked`).
     ranks_by_likelihood: ClassVar[bool] = False
+    # The reference the benchmarks give every other generator's figures as ratios against (PyXtal).
+    is_baseline: ClassVar[bool] = False
     # Where it comes in lists and which is chosen by default (lowest first; a baseline ranks after the models).
     preference: ClassVar[int] = 100
     # Atoms in the primitive cell when the conditions set no max_atoms (None: the generator has no limit).
@@ -310,6 +328,28 @@ class Generator(abc.ABC):
         if oversample == 1:
             return self
         raise UnsupportedConditionError(f"generator {self.name!r} has no likelihood to rank its samples by")
+
+    def with_options(self, **values) -> Generator:
+        """This generator with per-request options set (each parsed and checked by its declaration; None leaves
+        one as it is), as a new object sharing the loaded model, so concurrent requests do not interfere."""
+        import copy
+
+        parsed = {}
+        for name, value in values.items():
+            option = self.option(name)
+            if option is None or not option.per_request:
+                takes = ", ".join(o.name for o in self.options if o.per_request) or "none"
+                raise UnsupportedConditionError(f"generator {self.name!r} has no option {name!r} to set per request "
+                                                f"(it takes: {takes})")
+            if value is not None and value != "":
+                parsed[name] = option.parse(value)
+        other = self.ranked(parsed.pop("oversample")) if "oversample" in parsed else self
+        changed = {name: value for name, value in parsed.items() if getattr(other, name, None) != value}
+        if changed:
+            other = copy.copy(other) if other is self else other
+            for name, value in changed.items():
+                setattr(other, name, value)
+        return other
 
     def learned_embeddings(self) -> dict:
         """{"elements": (symbols, vectors), "spacegroups": (numbers, vectors), ...}: the model's learned input

@@ -238,7 +238,8 @@ class PyXtalGenerator(Generator):
     uses_temperature = False
     parallel_safe = True  # one random symmetric structure at a time, in Python
     default_max_atoms = DEFAULT_MAX_ATOMS
-    preference = 50  # the baseline: listed after the trained models
+    preference = 50  # listed after the trained models
+    is_baseline = True  # Matra-Genoa's baseline: benchmark ratios are against it
     options = (
         GeneratorOption("volume_factor", "float", VOLUME_FACTOR, "PyXtal's volume factor (cell volume over the sum "
                         "of atomic volumes)", minimum=0.1, maximum=10.0),

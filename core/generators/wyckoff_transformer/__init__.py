@@ -110,11 +110,14 @@ class WyckoffTransformerGenerator(Generator):
     training = TrainingRecipe("wyckoff_lab.core.generators.wyckoff_transformer.train", MODEL_NAME)
     options = (
         GeneratorOption("weights", "path", None, "weights folder (config.json + model.safetensors; default: the "
-                        "shipped assets/models/wyckoff_transformer, or $WYCKOFF_LAB_MODELS/wyckoff_transformer)"),
+                        "shipped assets/models/wyckoff_transformer, or $WYCKOFF_LAB_MODELS/wyckoff_transformer)",
+                        per_request=False),
         GeneratorOption("top_p", "float", 1.0, "nucleus sampling: keep the smallest set of tokens reaching this "
-                        "probability (1 = off)", minimum=1e-6, maximum=1.0),
+                        "probability (1 = off)", above=0.0, maximum=1.0, label="Top-p"),
+        GeneratorOption("resample", "bool", True, "the quality gate: sample again what has sites too close or a "
+                        "space group other than the sampled one (--no-resample: the raw model)"),
         GeneratorOption("oversample", "int", 1, "draw K times the structures asked for and keep those the model "
-                        "finds most likely per token", minimum=1, maximum=100),
+                        "finds most likely per token", minimum=1, maximum=100, label="Keep most likely 1 in"),
     )
 
     def __init__(self, weights: str | Path | None = None, device=None, top_p: float = 1.0, batch_size: int = 256,

@@ -1,4 +1,4 @@
-"""Step 8, embeddings: t-SNE maps of the Wyckoff transformer's learned element and space-group embeddings, and
+"""Step 8, embeddings: t-SNE maps of a generator's learned element and space-group embeddings, and
 a map of the generated candidates among the reference structures of their chemical system.
 
 The candidate map needs no model: each structure is described by its composition, volume and density and a
@@ -20,7 +20,6 @@ from wyckoff_lab.widgets.chemistry import element_family
 from wyckoff_lab.widgets.records import record_structure
 
 TAB_NAME = "embeddings"
-TRANSFORMER = "wyckoff-transformer"
 RDF_BINS = np.linspace(1.0, 6.0, 26)  # Å
 MAX_REFERENCES_ON_MAP = 400
 SYSTEM_COLORS = {"triclinic": "#8c564b", "monoclinic": "#9467bd", "orthorhombic": "#2ca02c",
@@ -147,7 +146,7 @@ def candidate_map(records: list[dict], references: list[tuple[str, Structure, di
 
 
 class EmbeddingView(Widget):
-    """Learned embeddings of the Wyckoff transformer and a map of the candidates among the references."""
+    """Learned embeddings of a model and a map of the candidates among the references."""
 
     default_prefix = "wl-emb"
 
@@ -180,29 +179,36 @@ class EmbeddingView(Widget):
         ], className="wl-panel", id=self.id("panel"))
 
     def model_maps(self) -> tuple[go.Figure, go.Figure, str]:
-        """Element and space-group t-SNE maps of the transformer (computed once per loaded model)."""
-        from wyckoff_lab.core.generators.wyckoff_transformer import learned_embeddings
+        """Element and space-group t-SNE maps of the most preferred generator that has learned embeddings
+        (`Generator.has_learned_embeddings`; computed once per loaded model)."""
+        from wyckoff_lab.core.generators import generator_class
 
-        usable, message = self.context.generator_status(TRANSFORMER)
+        names = [n for n in self.context.generator_names() if generator_class(n).has_learned_embeddings]
+        if not names:
+            text = "No registered generator has learned embeddings to show"
+            return message_figure(text), message_figure(text), text
+        usable = [n for n in names if self.context.generator_status(n)[0]]
         if not usable:
-            text = "No Wyckoff transformer weights, so no learned embeddings to show"
-            return message_figure(text), message_figure(text), f"{text}: {message}"
-        generator = self.context.generator(TRANSFORMER)
+            text = f"No weights for {', '.join(names)}, so no learned embeddings to show"
+            return (message_figure(text), message_figure(text),
+                    f"{text}: {self.context.generator_status(names[0])[1]}")
+        name = usable[0]
+        generator = self.context.generator(name)
         with self._lock:
-            key = id(generator.model)
+            key = id(getattr(generator, "model", generator))
             if key not in self._maps:
-                embeddings = learned_embeddings(generator.model)
+                embeddings = generator.learned_embeddings()
                 symbols, vectors = embeddings["elements"]
-                seen = set(generator.seen_elements) or set(symbols)
+                seen = set(getattr(generator, "seen_elements", ())) or set(symbols)
                 keep = [i for i, s in enumerate(symbols) if s in seen]
                 element_map = element_figure([symbols[i] for i in keep], tsne_2d(vectors[keep]))
                 numbers, vectors = embeddings["spacegroups"]
-                seen_groups = set(generator.seen_spacegroups) or set(numbers)
+                seen_groups = set(getattr(generator, "seen_spacegroups", ())) or set(numbers)
                 keep = [i for i, n in enumerate(numbers) if n in seen_groups]
                 group_map = spacegroup_figure([numbers[i] for i in keep], tsne_2d(vectors[keep]))
                 self._maps[key] = (element_map, group_map)
         element_map, group_map = self._maps[key]
-        return element_map, group_map, (f"Embeddings of the Wyckoff transformer: {len(element_map.data)} element "
+        return element_map, group_map, (f"Embeddings of {name}: {len(element_map.data)} element "
                                         f"families, {sum(len(t.x) for t in group_map.data)} space groups seen in "
                                         "training")
 

@@ -19,6 +19,8 @@ from importlib import resources
 
 import numpy as np
 
+from wyckoff_lab.core.defaults import SYMPREC
+
 RESOURCE = "spacegroups.json.gz"
 
 
@@ -48,19 +50,56 @@ def check_tolerance(value, name: str = "symprec") -> float:
     return number
 
 
-def detected_spacegroup(structure, symprec: float = 0.1) -> int | None:
-    """The space-group number spglib finds for a pymatgen Structure at `symprec` (Å), None if it finds none."""
+@dataclass(frozen=True)
+class SymmetryAnalysis:
+    """What spglib finds of one structure at one tolerance: the space group, and each site's Wyckoff letter and
+    orbit (the index of its orbit's first site), in the structure's own site order."""
+
+    number: int
+    symprec: float
+    wyckoff_letters: tuple[str, ...]
+    equivalent_atoms: tuple[int, ...]
+
+    @property
+    def spacegroup(self) -> SpaceGroupInfo:
+        return spacegroup(self.number)
+
+
+SYMMETRY_CACHE_SIZE = 4096  # analyses kept (a few hundred bytes each): a session's candidates and their views
+
+
+def analyze_symmetry_of(structure, symprec: float = SYMPREC) -> SymmetryAnalysis | None:
+    """spglib's analysis of a pymatgen Structure at `symprec` (Å), None if it finds no group. Run once per
+    structure and tolerance: the quality gate, the candidate records and the 3D view ask for the same cell, and
+    the answer is cached by the cell's content (lattice, species, coordinates), as pymatgen's SpacegroupAnalyzer
+    keeps its dataset."""
+    symprec = check_tolerance(symprec)
+    lattice = np.ascontiguousarray(structure.lattice.matrix, dtype=float)
+    coords = np.ascontiguousarray(structure.frac_coords, dtype=float)
+    numbers = tuple(site.specie.Z for site in structure)
+    return _analysis(lattice.tobytes(), coords.tobytes(), numbers, symprec)
+
+
+@functools.lru_cache(maxsize=SYMMETRY_CACHE_SIZE)
+def _analysis(lattice: bytes, coords: bytes, numbers: tuple[int, ...], symprec: float) -> SymmetryAnalysis | None:
     import spglib
 
-    symprec = check_tolerance(symprec)
-
-    cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
+    cell = (np.frombuffer(lattice).reshape(3, 3), np.frombuffer(coords).reshape(-1, 3), list(numbers))
     try:
         with quiet_spglib():
             dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
     except Exception:  # spglib raises on degenerate cells (e.g. overlapping atoms)
         return None
-    return None if dataset is None else int(dataset.number)
+    if dataset is None:
+        return None
+    return SymmetryAnalysis(int(dataset.number), symprec, tuple(str(w) for w in dataset.wyckoffs),
+                            tuple(int(i) for i in dataset.equivalent_atoms))
+
+
+def detected_spacegroup(structure, symprec: float = SYMPREC) -> int | None:
+    """The space-group number spglib finds for a pymatgen Structure at `symprec` (Å), None if it finds none."""
+    analysis = analyze_symmetry_of(structure, symprec)
+    return None if analysis is None else analysis.number
 
 
 LATTICE_PARAMETER_NAMES = ("a", "b", "c", "alpha", "beta", "gamma")
@@ -308,6 +347,25 @@ class SpaceGroupInfo:
     @property
     def general_position(self) -> WyckoffPosition:
         return self.wyckoff_positions[0]
+
+    @property
+    def centering_factor(self) -> int:
+        """Conventional-cell atoms per primitive-cell atom, from the lattice centring (R in hexagonal axes: 3)."""
+        return CENTERING_FACTOR[self.symbol[0]]
+
+    @functools.cached_property
+    def fixed_multiplicities(self) -> tuple[int, ...]:
+        """Multiplicities of the 0-DOF positions (each holds one orbit at most), sorted."""
+        return tuple(sorted(wp.multiplicity for wp in self.wyckoff_positions if wp.dof == 0))
+
+    @functools.cached_property
+    def repeatable_multiplicities(self) -> tuple[int, ...]:
+        """Distinct multiplicities of the positions with free parameters (each may hold several orbits), sorted."""
+        return tuple(sorted({wp.multiplicity for wp in self.wyckoff_positions if wp.dof > 0}))
+
+
+# Conventional-cell atoms per primitive-cell atom by the first letter of the Hermann-Mauguin symbol.
+CENTERING_FACTOR = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "F": 4, "R": 3}
 
 
 def tabulate() -> dict:

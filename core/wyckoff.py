@@ -15,9 +15,10 @@ import numpy as np
 import spglib
 from pymatgen.core import Composition, Element, Lattice, Structure
 
+from wyckoff_lab.core.defaults import SYMPREC
 from wyckoff_lab.core.symmetry import SpaceGroupInfo, WyckoffPosition, check_tolerance, quiet_spglib, spacegroup
 
-DEFAULT_SYMPREC = 0.1  # Å; the tolerance MP-20's own space-group labels were computed with
+DEFAULT_SYMPREC = SYMPREC  # Å (core.defaults); kept under this name for importers
 DEFAULT_ANGLE_TOLERANCE = 5.0  # degrees
 
 

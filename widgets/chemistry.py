@@ -6,11 +6,12 @@ import functools
 
 from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 from pymatgen.core import Composition, Element
+from wyckoff_lab.core.defaults import MAX_ATOMS
 from wyckoff_lab.widgets.base import Widget
 
 MAX_ELEMENTS = 5
 MAX_Z = 103  # through Lr; the periodic table shows the f-block in two rows below the main table
-DEFAULT_MAX_ATOMS = 20
+DEFAULT_MAX_ATOMS = MAX_ATOMS  # core.defaults: MP-20's primitive-cell limit
 
 
 def element_family(symbol: str) -> str:

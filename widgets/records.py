@@ -12,9 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from pymatgen.core import Structure
+from wyckoff_lab.core.defaults import SYMPREC
 from wyckoff_lab.core.symmetry import spacegroup
-
-SYMPREC = 0.1  # Å, as for MP-20's labels and WyckoffCrystal
 
 # Columns of the candidate table, in order: (record key, header, type)
 TABLE_COLUMNS = (

@@ -10,7 +10,7 @@ import numpy as np
 from dash import Input, Output, State, dash_table, dcc, html, no_update
 from monty.json import jsanitize
 from pymatgen.core import Structure
-from wyckoff_lab.core.symmetry import quiet_spglib, spacegroup
+from wyckoff_lab.core.symmetry import analyze_symmetry_of
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.records import SYMPREC, record_structure
 from wyckoff_lab.widgets.security import payload_is_signed, sign_payload
@@ -26,23 +26,20 @@ SCENE_SETTINGS = {"zoomToFit2D": True, "defaultZoom": FRAME_FILL}
 
 def annotate_orbits(structure: Structure, symprec: float = SYMPREC) -> tuple[Structure, str]:
     """A copy of `structure` whose sites carry their Wyckoff orbit ('Ca 4a') as a site property, and the space
-    group label. Symmetry from spglib on this very cell, so every displayed atom gets its own orbit."""
-    import spglib
-
+    group label. Symmetry from spglib on this very cell (the analysis the records already ran, cached), so every
+    displayed atom gets its own orbit."""
     annotated = structure.copy()
-    cell = (structure.lattice.matrix, structure.frac_coords, structure.atomic_numbers)
-    with quiet_spglib():
-        dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
+    dataset = analyze_symmetry_of(structure, symprec)
     if dataset is None:
         annotated.add_site_property(ORBIT_PROPERTY, [f"{site.specie} (no symmetry)" for site in structure])
         return annotated, "no symmetry found"
-    group = spacegroup(dataset.number)
+    group = dataset.spacegroup
     names: dict[int, str] = {}
     used: dict[str, int] = {}
     for index, orbit in enumerate(dataset.equivalent_atoms):
         orbit = int(orbit)
         if orbit not in names:
-            letter = str(dataset.wyckoffs[index])
+            letter = dataset.wyckoff_letters[index]
             base = f"{structure[index].specie} {group.wyckoff(letter).label}"
             used[base] = used.get(base, 0) + 1
             names[orbit] = base if used[base] == 1 else f"{base} ({used[base]})"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from dash import Input, Output, State, dcc, html, no_update
 from pymatgen.core import Lattice, Structure
-from wyckoff_lab.core.symmetry import AXES, quiet_spglib, spacegroup
+from wyckoff_lab.core.symmetry import AXES, analyze_symmetry_of, spacegroup
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.structure_view import ORBIT_PROPERTY, SCENE_SETTINGS
 
@@ -95,12 +95,9 @@ def _lies_on(position, sites: np.ndarray) -> bool:
 
 
 def _detect(structure: Structure) -> tuple[int, str] | None:
-    import spglib
-
-    cell = (structure.lattice.matrix, structure.frac_coords, structure.atomic_numbers)
-    with quiet_spglib():
-        dataset = spglib.get_symmetry_dataset(cell, symprec=1e-3)
-    return None if dataset is None else (int(dataset.number), spacegroup(int(dataset.number)).symbol)
+    # A tight tolerance: the arrangement is exact, and a near miss is what the lesson is about.
+    analysis = analyze_symmetry_of(structure, 1e-3)
+    return None if analysis is None else (analysis.number, analysis.spacegroup.symbol)
 
 
 class TeachView(Widget):

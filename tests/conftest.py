@@ -1,17 +1,79 @@
-"""Shared fixtures: real MP-20 rows from WYCKOFF_LAB_DATA (tests skip with a clear reason when it is absent)."""
+"""Shared fixtures: real MP-20 data from WYCKOFF_LAB_DATA (tests skip with a clear reason when it is absent), the
+shipped Wyckoff transformer, and the `needs_chromium` marker. Test modules take these by name and import nothing
+from one another."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 
+MP20_FILES = ("train.csv.gz", "val.csv.gz", "test.csv.gz", "train_meta_nocoords.csv.gz")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
 
-def data_root() -> Path | None:
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_chromium: drives headless Chromium (skipped where it is not installed)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CHROMIUM and CHROMEDRIVER:
+        return
+    skip = pytest.mark.skip(reason="Debian chromium + chromium-driver are not installed (make test installs them "
+                                   "when run as root)")
+    for item in items:
+        if item.get_closest_marker("needs_chromium"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The WYCKOFF_LAB_DATA folder, holding MP-20's CSV files (as `wyckoff-lab data prepare` or the README's copy
+    leaves them)."""
     env = os.environ.get("WYCKOFF_LAB_DATA")
-    return Path(env) if env and Path(env).is_dir() else None
+    root = Path(env) if env and Path(env).is_dir() else None
+    if root is None:
+        pytest.skip("WYCKOFF_LAB_DATA is not set; these tests read the real MP-20 CSV files (the README says how "
+                    "to get them)")
+    missing = [name for name in MP20_FILES if not (root / "mp_20" / name).is_file()]
+    if missing:
+        pytest.skip(f"WYCKOFF_LAB_DATA={root} has no mp_20/{', mp_20/'.join(missing)}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mp20_test_table(real_data):
+    """MP-20 test as read from its CSV (CIF text, formation energies; nothing parsed)."""
+    import pandas as pd
+
+    return pd.read_csv(real_data / "mp_20" / "test.csv.gz")
+
+
+@pytest.fixture(scope="session")
+def al_rh_rows(mp20_test_table):
+    """MP-20 test's Al–Rh rows: AlRh (mp-364) and Rh (mp-74), as (structures, ids, DFT formation energies)."""
+    from pymatgen.core import Structure
+
+    table = mp20_test_table[mp20_test_table["material_id"].isin(["mp-364", "mp-74"])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        structures = [Structure.from_str(cif, fmt="cif") for cif in table["cif"]]
+    return structures, table["material_id"].tolist(), table["formation_energy_per_atom"].tolist()
+
+
+@pytest.fixture(scope="session")
+def shipped_generator():
+    """The shipped Wyckoff transformer on the CPU, loaded once (loading the weights costs seconds)."""
+    from wyckoff_lab.core.generators import get_generator
+    from wyckoff_lab.core.generators.wyckoff_transformer import default_weights_dir
+
+    if not (default_weights_dir() / "model.safetensors").is_file():
+        pytest.skip("no shipped Wyckoff transformer weights in assets/models")
+    return get_generator("wyckoff-transformer", device="cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -32,19 +94,14 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def mp20_test_rows():
+def mp20_test_rows(mp20_test_table):
     """The first 200 rows of MP-20 test as (material_id, Structure, spacegroup.number) — real data."""
-    root = data_root()
-    if root is None or not (root / "mp_20" / "test.csv.gz").is_file():
-        pytest.skip("WYCKOFF_LAB_DATA is not set or has no mp_20/test.csv.gz (the README says how to get it)")
-    import pandas as pd
     from pymatgen.core import Structure
 
-    frame = pd.read_csv(root / "mp_20" / "test.csv.gz", nrows=200)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return [(row.material_id, Structure.from_str(row.cif, fmt="cif"), int(row["spacegroup.number"]))
-                for _, row in frame.iterrows()]
+                for _, row in mp20_test_table.head(200).iterrows()]
 
 
 APP_SYSTEM = ("Al", "Ca", "Cu")  # the chemical system the app tests generate in
@@ -57,20 +114,14 @@ def _in_system(elements: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def mp20_al_ca_cu(tmp_path_factory):
+def mp20_al_ca_cu(real_data, tmp_path_factory):
     """Real MP-20 rows inside Al–Ca–Cu (novelty, hull references) plus a few others from every split, so that the
     tests' fresh cache parses them in seconds rather than all of MP-20 in minutes."""
-    import os
-    from pathlib import Path
-
     import pandas as pd
 
-    root = os.environ.get("WYCKOFF_LAB_DATA")
-    if not root or not (Path(root) / "mp_20" / "train.csv.gz").is_file():
-        pytest.skip("WYCKOFF_LAB_DATA is not set or has no MP-20 (the README says how to get it)")
     out = tmp_path_factory.mktemp("data") / "mp_20"
     out.mkdir()
     for name in ("train", "val", "test", "train_meta_nocoords"):
-        table = pd.read_csv(Path(root) / "mp_20" / f"{name}.csv.gz")
+        table = pd.read_csv(real_data / "mp_20" / f"{name}.csv.gz")
         table[table["elements"].map(_in_system) | (table.index < 10)].to_csv(out / f"{name}.csv.gz", index=False)
     return out.parent

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,13 +18,9 @@ from pathlib import Path
 import pytest
 from app_timing import free_port, start_browser, stop_process
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 SYSTEM = ("Al", "Ca", "Cu")
 
-needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                    reason="Debian chromium + chromium-driver are not installed (make test "
-                                           "installs them when run as root)")
+needs_chromium = pytest.mark.needs_chromium  # skipped by conftest where Chromium is not installed
 
 
 @pytest.fixture(scope="module")

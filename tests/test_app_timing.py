@@ -11,12 +11,11 @@ import argparse
 import os
 
 import pytest
-from test_app_e2e import needs_chromium
 
 STARTUP_BOUND_S = 20.0
 
 
-@needs_chromium
+@pytest.mark.needs_chromium
 def test_app_is_interactive_soon_after_the_command(mp20_al_ca_cu, tmp_path):
     from app_timing import one_run, start_browser
 

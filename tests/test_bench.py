@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -36,16 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = WyckoffTransformerConfig(d_model=32, n_layers=1, n_heads=2, n_mixture=2, dropout=0.0)
 SMALL_TRAIN_ROWS = 40  # enough for PyXtal's space-group distribution and MP-20's hull, parsed in a second
-
-
-
-
-@pytest.fixture(scope="module")
-def real_data() -> Path:
-    root = os.environ.get(paths.DATA_ENV)
-    if not root or not (Path(root) / "mp_20" / "train_meta_nocoords.csv.gz").is_file():
-        pytest.skip(f"{paths.DATA_ENV} is not set or has no MP-20 (the README says how to get it)")
-    return Path(root)
 
 
 def _chemsys(elements: str) -> str:

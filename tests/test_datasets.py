@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -24,16 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Issues encountered while parsing
 # Small copies of the real files keep the cold-cache run short; the full sets are exercised by `data prepare`.
 SMALL_ROWS = {"train": 150, "val": 100, "test": 200}
 PEROV_ROWS = 120
-
-
-@pytest.fixture(scope="module")
-def real_data() -> Path:
-    root = os.environ.get(paths.DATA_ENV)
-    if not root:
-        pytest.skip(f"{paths.DATA_ENV} is not set; these tests read the real MP-20 and Perov-5 CSV files")
-    if not (Path(root) / "mp_20" / "test.csv.gz").is_file():
-        pytest.skip(f"{paths.DATA_ENV}={root} holds no mp_20/test.csv.gz")
-    return Path(root)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import gzip
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ELEMENTS = ("Al", "Rh")
 STEPS = 20  # enough to move the near-relaxed MP-20 references, few enough for seconds
-
-
-def mp20_test_table() -> pd.DataFrame:
-    root = os.environ.get("WYCKOFF_LAB_DATA")
-    if not root or not (Path(root) / "mp_20" / "test.csv.gz").is_file():
-        pytest.skip("WYCKOFF_LAB_DATA is not set or has no mp_20/test.csv.gz (the README says how to get it)")
-    return pd.read_csv(Path(root) / "mp_20" / "test.csv.gz")
 
 
 def crystal_dataset(structures: list[Structure], ids: list[str], energies: list[float]) -> datasets.CrystalDataset:
@@ -55,17 +47,6 @@ def crystal_dataset(structures: list[Structure], ids: list[str], energies: list[
     )
 
 
-@pytest.fixture(scope="module")
-def al_rh_rows():
-    """MP-20 test's Al–Rh rows: AlRh (mp-364) and Rh (mp-74), as (structure, id, DFT formation energy)."""
-    table = mp20_test_table()
-    table = table[table["material_id"].isin(["mp-364", "mp-74"])]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        structures = [Structure.from_str(cif, fmt="cif") for cif in table["cif"]]
-    return structures, table["material_id"].tolist(), table["formation_energy_per_atom"].tolist()
-
-
 @pytest.fixture
 def al_rh(al_rh_rows, tmp_path, monkeypatch):
     """Serve the Al–Rh rows as "mp_20", with an empty cache folder of this test's own."""
@@ -76,10 +57,9 @@ def al_rh(al_rh_rows, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ba_sn2():
+def ba_sn2(mp20_test_table):
     """BaSn2 (mp-567510, 3 atoms) from MP-20 test."""
-    table = mp20_test_table()
-    (cif,) = table.loc[table["material_id"] == "mp-567510", "cif"]
+    (cif,) = mp20_test_table.loc[mp20_test_table["material_id"] == "mp-567510", "cif"]
     return Structure.from_str(cif, fmt="cif")
 
 

@@ -11,18 +11,15 @@ import pytest
 from wyckoff_lab.app.cli import emit, main
 from wyckoff_lab.app.commands import sample as sample_command
 from wyckoff_lab.core import generators as generators_module
-from wyckoff_lab.core.generators import Conditions, GenerationResult, get_generator
-from wyckoff_lab.core.generators.wyckoff_transformer import default_weights_dir
+from wyckoff_lab.core.generators import Conditions, GenerationResult
 from wyckoff_lab.core.templates import parse_template
 
 ORIGINAL_GET_GENERATOR = generators_module.get_generator
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    if not (default_weights_dir() / "model.safetensors").is_file():
-        pytest.skip("no shipped Wyckoff transformer weights in assets/models")
-    return get_generator("wyckoff-transformer", device="cpu")
+def shipped(shipped_generator):
+    return shipped_generator
 
 
 @pytest.fixture

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,27 +21,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ELEMENTS = ("Al", "Rh")
 
 
-
-
 @pytest.fixture(scope="module")
-def al_rh_dataset():
+def al_rh_dataset(al_rh_rows):
     """The MP-20 test rows of the Al–Rh system (AlRh mp-364, Rh mp-74; no Al), plus a second, synthetic AlRh row
     with a higher DFT formation energy that max_references=1 must drop. Parsing only these rows keeps it fast."""
-    root = os.environ.get("WYCKOFF_LAB_DATA")
-    if not root or not (Path(root) / "mp_20" / "test.csv.gz").is_file():
-        pytest.skip("WYCKOFF_LAB_DATA is not set or has no mp_20/test.csv.gz (the README says how to get it)")
-    table = pd.read_csv(Path(root) / "mp_20" / "test.csv.gz")
-    table = table[table["material_id"].isin(["mp-364", "mp-74"])]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        structures = [Structure.from_str(cif, fmt="cif") for cif in table["cif"]]
+    structures, ids, energies = al_rh_rows
+    structures = list(structures)  # the decoy is appended to this module's copy, not to the shared rows
     frame = pd.DataFrame({
-        "material_id": table["material_id"].tolist(),
+        "material_id": ids,
         "split": "test",
         "formula": [s.composition.reduced_formula for s in structures],
         "chemsys": [s.composition.chemical_system for s in structures],
         "num_atoms": [len(s) for s in structures],
-        "formation_energy_per_atom": table["formation_energy_per_atom"].tolist(),
+        "formation_energy_per_atom": energies,
     })
     alrh = int(np.flatnonzero(frame["formula"] == "AlRh")[0])
     decoy = structures[alrh].copy()

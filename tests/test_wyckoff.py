@@ -196,17 +196,12 @@ def test_real_crystals_templates_are_feasible(mp20_test_rows):
         assert check_template(crystal.composition, crystal.spacegroup)
 
 
-def test_borderline_symmetry_falls_back_to_a_tighter_tolerance():
+def test_borderline_symmetry_falls_back_to_a_tighter_tolerance(real_data):
     """mp-19303 (a distorted Cr2NiO4 spinel): at 0.1 Å spglib calls it Fd-3m but cannot idealise its sites; the
     representation retries at a tighter tolerance and round-trips instead of failing."""
-    from conftest import data_root
-
-    root = data_root()
-    if root is None or not (root / "mp_20" / "val.csv.gz").is_file():
-        pytest.skip("WYCKOFF_LAB_DATA is not set or has no mp_20/val.csv.gz")
     import pandas as pd
 
-    frame = pd.read_csv(root / "mp_20" / "val.csv.gz", usecols=["material_id", "cif"])
+    frame = pd.read_csv(real_data / "mp_20" / "val.csv.gz", usecols=["material_id", "cif"])
     structure = Structure.from_str(frame.loc[frame.material_id == "mp-19303", "cif"].iloc[0], fmt="cif")
     crystal = WyckoffCrystal.from_structure(structure)
     assert crystal.symprec < 0.1

@@ -11,7 +11,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Element
 
 from wyckoff_lab.core.generators import Conditions, UnsupportedConditionError, get_generator
-from wyckoff_lab.core.generators.wyckoff_transformer import ModelLoadError, default_weights_dir, load_model
+from wyckoff_lab.core.generators.wyckoff_transformer import ModelLoadError, load_model
 from wyckoff_lab.core.generators.wyckoff_transformer.decoding import DecodingPlan
 from wyckoff_lab.core.generators.wyckoff_transformer.model import WyckoffTransformer, WyckoffTransformerConfig
 from wyckoff_lab.core.generators.wyckoff_transformer.sampling import sample_sequences
@@ -133,13 +133,6 @@ def test_corrupt_weights_are_refused(tmp_path):
         load_model(tmp_path / "ok", device="cpu")
     with pytest.raises(ModelLoadError, match="no Wyckoff transformer weights"):
         load_model(tmp_path / "missing", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def shipped_generator():
-    if not (default_weights_dir() / "model.safetensors").is_file():
-        pytest.skip("no shipped Wyckoff transformer weights in assets/models yet")
-    return get_generator("wyckoff-transformer", device="cpu")
 
 
 def test_shipped_weights_sample_valid_structures(shipped_generator):

@@ -36,8 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "small_mp20_data")
 GENERATORS = available_generators()
 SEED = 11
 
-# One real request per condition, with only the companions it needs (a template needs its space group), in
-# MP-20 chemistry: rock salt, the Al-Ca-Cu system of Matra-Genoa and the app, and the CaCu5 structure type.
+# One real request per condition, most within a chemical system (as users ask; a template also needs its space
+# group), in MP-20 chemistry: rock salt, the Al-Ca-Cu system of Matra-Genoa and the app, the CaCu5 structure type.
+# A request is made of a generator that declares every condition it sets (NEEDS).
 REQUESTS = {
     "elements": Conditions(elements=("Na", "Cl")),
     "formula": Conditions(formula="CaCu5"),

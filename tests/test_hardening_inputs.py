@@ -104,7 +104,8 @@ def _corrupt_tensor(folder: Path, value: float) -> str:
 
 @pytest.mark.parametrize("value, words", [(math.nan, "NaN"), (math.inf, "NaN or infinite"), (1e30, "magnitude")])
 def test_weights_that_are_not_numbers_fail_at_load(weights_copy, value, words):
-    from wyckoff_lab.core.generators.wyckoff_transformer import ModelLoadError, load_model
+    from wyckoff_lab.core.generators.nn.checkpoints import ModelLoadError
+    from wyckoff_lab.core.generators.wyckoff_transformer import load_model
 
     name = _corrupt_tensor(weights_copy, value)
     with pytest.raises(ModelLoadError, match=words) as info:
@@ -113,7 +114,8 @@ def test_weights_that_are_not_numbers_fail_at_load(weights_copy, value, words):
 
 
 def test_config_whose_heads_do_not_divide_the_width_fails_at_load(weights_copy):
-    from wyckoff_lab.core.generators.wyckoff_transformer import ModelLoadError, load_model
+    from wyckoff_lab.core.generators.nn.checkpoints import ModelLoadError
+    from wyckoff_lab.core.generators.wyckoff_transformer import load_model
 
     config = json.loads((weights_copy / "config.json").read_text())
     config["model"]["n_heads"] = 5
@@ -136,7 +138,7 @@ def test_cli_sample_with_broken_weights_says_so(weights_copy, monkeypatch, capsy
 def test_non_finite_model_output_is_a_model_error(one_torch_thread):
     """Weights that break after loading (here: set to NaN in memory) stop sampling with a model error."""
     from wyckoff_lab.core.generators import Conditions, get_generator
-    from wyckoff_lab.core.generators.wyckoff_transformer.model import ModelOutputError
+    from wyckoff_lab.core.generators.nn.decoding import ModelOutputError
 
     generator = get_generator("wyckoff-transformer", device="cpu")
     with torch.no_grad():
@@ -174,7 +176,7 @@ def test_pyxtal_refuses_temperatures_too(temperature):
 
 @pytest.mark.parametrize("top_p", [0.0, -0.5, 1.5, math.nan])
 def test_sampling_refuses_top_p_outside_the_unit_interval(top_p):
-    from wyckoff_lab.core.generators.wyckoff_transformer.sampling import check_sampling_settings
+    from wyckoff_lab.core.generators.nn.decoding import check_sampling_settings
 
     with pytest.raises(ValueError, match="top_p"):
         check_sampling_settings(1.0, top_p)
@@ -198,7 +200,7 @@ def test_checkpoint_with_pickled_code_is_not_run(tmp_path):
     """weights_only: a checkpoint that would run code when unpickled is refused, and the code does not run."""
     import pickle
 
-    from wyckoff_lab.core.generators.wyckoff_transformer.train import CheckpointError, read_checkpoint
+    from wyckoff_lab.core.generators.nn.training import CheckpointError, read_checkpoint
 
     marker = tmp_path / "ran"
 

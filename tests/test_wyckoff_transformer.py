@@ -12,10 +12,10 @@ from pymatgen.core import Element
 
 from wyckoff_lab.core.generators import Conditions, UnsupportedConditionError, get_generator
 from wyckoff_lab.core.generators.wyckoff_transformer import ModelLoadError, load_model
-from wyckoff_lab.core.generators.wyckoff_transformer.decoding import DecodingPlan
+from wyckoff_lab.core.generators.wyckoff_grammar.masks import DecodingPlan
 from wyckoff_lab.core.generators.wyckoff_transformer.model import WyckoffTransformer, WyckoffTransformerConfig
 from wyckoff_lab.core.generators.wyckoff_transformer.sampling import sample_sequences
-from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import VOCAB, centering_factor, decode, encode
+from wyckoff_lab.core.generators.wyckoff_grammar.tokenizer import VOCAB, centering_factor, decode, encode
 from wyckoff_lab.core.generators.wyckoff_transformer.train import TrainConfig, TrainingSet, export, train
 from wyckoff_lab.core.templates import check_template
 from wyckoff_lab.core.wyckoff import WyckoffCrystal
@@ -178,7 +178,7 @@ def test_quality_gate_resamples_close_sites_and_higher_symmetry(shipped_generato
 def test_impossible_cells_are_decoding_failures():
     from pymatgen.core import Lattice, Structure
 
-    from wyckoff_lab.core.generators.wyckoff_transformer import cell_is_sound
+    from wyckoff_lab.core.generators.quality import cell_is_sound
 
     def one_atom(lattice):
         return Structure(lattice, ["Na"], [[0, 0, 0]])
@@ -194,7 +194,7 @@ def test_quality_gate_keeps_what_only_a_supergroup_can_give(shipped_generator):
     # R-3 with Na on 3a (0,0,0) and Cl on 3b (0,0,1/2) is always at least R-3m: no resampling can help, so the last
     # round keeps the structures and says what spglib found instead of returning nothing.
     # (four atoms in the primitive cell at most: no room for more NaCl orbits that would make it truly R-3)
-    from wyckoff_lab.core.generators.wyckoff_transformer import RESAMPLE_ROUNDS
+    from wyckoff_lab.core.generators.quality import RESAMPLE_ROUNDS
 
     result = shipped_generator.generate(4, Conditions(formula="NaCl", spacegroup=148, max_atoms=4,
                                                       template=(("Na", "3a"), ("Cl", "3b"))), seed=0)
@@ -309,7 +309,7 @@ def test_cli_sample_ranking_options_belong_to_the_transformer(shipped_generator,
 
 
 def test_ranking_takes_one_crystal_per_wyckoff_template_first():
-    from wyckoff_lab.core.generators.wyckoff_transformer import _most_likely_distinct, wyckoff_template_key
+    from wyckoff_lab.core.generators.ranking import most_likely_distinct, wyckoff_template_key
 
     wurtzite = WyckoffCrystal.from_orbits(186, [3.25, 3.25, 5.2, 90, 90, 120],
                                           [("Zn", "2b", [0.0]), ("O", "2b", [0.382])])
@@ -317,6 +317,6 @@ def test_ranking_takes_one_crystal_per_wyckoff_template_first():
                                            [("O", "2b", [0.375]), ("Zn", "2b", [0.0])])  # same template, other order
     rocksalt = WyckoffCrystal.from_orbits(225, [4.3] * 3 + [90] * 3, [("Zn", "4a", []), ("O", "4b", [])])
     assert wyckoff_template_key(wurtzite) == wyckoff_template_key(stretched) != wyckoff_template_key(rocksalt)
-    crystals = [wurtzite, stretched, rocksalt]
-    assert _most_likely_distinct([0, 1, 2], crystals, 2) == [0, 2]  # the second wurtzite waits its turn
-    assert _most_likely_distinct([1, 0, 2], crystals, 3) == [1, 2, 0]  # ... and fills up when templates run out
+    keys = [wyckoff_template_key(c) for c in (wurtzite, stretched, rocksalt)]
+    assert most_likely_distinct([0, 1, 2], keys, 2) == [0, 2]  # the second wurtzite waits its turn
+    assert most_likely_distinct([1, 0, 2], keys, 3) == [1, 2, 0]  # ... and fills up when templates run out

@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import (
+from wyckoff_lab.core.generators.nn.blocks import KVCache, TransformerBlock, new_kv_cache, sinusoidal_positions
+from wyckoff_lab.core.generators.nn.heads import mixture_log_prob, sample_mixture
+from wyckoff_lab.core.generators.wyckoff_grammar.tokenizer import (
     ANGLE_KINDS,
     CONTINUOUS_KINDS,
     COORD_KINDS,
@@ -27,11 +29,6 @@ from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import (
 N_KINDS = len(CONTINUOUS_KINDS) + 1  # 0 = discrete
 LENGTH_SCALE = 10.0  # Å: lattice lengths enter the Gaussian expansion as a / 10 Å
 ANGLE_CENTER, ANGLE_SCALE = 90.0, 30.0  # degrees: angles are modelled as (angle - 90) / 30
-
-
-class ModelOutputError(ValueError):
-    """The model produced non-finite numbers (NaN or infinite logits or distribution parameters): its weights are
-    broken, and nothing it samples can be trusted."""
 
 
 @dataclass
@@ -100,62 +97,9 @@ class GaussianValueEmbedding(nn.Module):
         return self.proj(torch.cat([x_lin, x_log], dim=-1))
 
 
-def sinusoidal_positions(max_len: int, d: int) -> torch.Tensor:
-    position = torch.arange(max_len).unsqueeze(1)
-    div = torch.exp(torch.arange(0, d, 2) * (-math.log(10000.0) / d))
-    table = torch.zeros(max_len, d)
-    table[:, 0::2] = torch.sin(position * div)
-    table[:, 1::2] = torch.cos(position * div)
-    return table
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Transformer
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: WyckoffTransformerConfig):
-        super().__init__()
-        self.n_heads = config.n_heads
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
-        self.out = nn.Linear(config.d_model, config.d_model)
-        self.dropout = config.dropout
-
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0):
-        """x: (B, T, d). With a preallocated (keys, values) cache, x holds the positions start..start+T-1: their
-        keys/values are written in place (no growing concatenation) and they attend to everything before them."""
-        B, T, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
-        else:
-            if T != 1:
-                raise ValueError("with a key/value cache, feed one position at a time")
-            keys, values = cache
-            keys[:, :, start] = k[:, :, 0]
-            values[:, :, start] = v[:, :, 0]
-            # One query against the cached prefix: two small matmuls beat SDPA on strided cache views.
-            scores = (q @ keys[:, :, :start + 1].transpose(-1, -2)) / math.sqrt(q.shape[-1])
-            y = torch.softmax(scores, dim=-1) @ values[:, :, :start + 1]
-        y = y.transpose(1, 2).contiguous().view(B, T, d)
-        return self.out(y)
-
-
-class Block(nn.Module):
-    def __init__(self, config: WyckoffTransformerConfig):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(config.d_model)
-        self.attn = CausalSelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.d_model)
-        self.mlp = nn.Sequential(nn.Linear(config.d_model, 4 * config.d_model), nn.GELU(),
-                                 nn.Linear(4 * config.d_model, config.d_model), nn.Dropout(config.dropout))
-
-    def forward(self, x, cache=None, start: int = 0):
-        x = x + self.attn(self.ln1(x), cache, start)
-        return x + self.mlp(self.ln2(x))
 
 
 class WyckoffTransformer(nn.Module):
@@ -168,7 +112,8 @@ class WyckoffTransformer(nn.Module):
         self.value_emb = GaussianValueEmbedding(config)
         self.register_buffer("pos_table", sinusoidal_positions(config.max_len, d), persistent=False)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(d, config.n_heads, config.dropout)
+                                    for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(d)
         self.discrete_head = nn.Linear(d, config.vocab_size)
         # The continuous head is told which kind of value comes next (x, y, z, a, ..., gamma).
@@ -198,11 +143,10 @@ class WyckoffTransformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds max_len={self.config.max_len}")
         return x + self.pos_table[start:start + T]
 
-    def new_cache(self, batch_size: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def new_cache(self, batch_size: int, device=None) -> KVCache:
         """Per-layer (keys, values) buffers for `max_len` positions, filled in place while sampling."""
         c = self.config
-        shape = (batch_size, c.n_heads, c.max_len, c.d_model // c.n_heads)
-        return [(torch.zeros(shape, device=device), torch.zeros(shape, device=device)) for _ in range(c.n_layers)]
+        return new_kv_cache(batch_size, c.n_layers, c.n_heads, c.max_len, c.d_model // c.n_heads, device)
 
     def forward(self, tokens, values, kinds, cache=None, start: int = 0):
         """Hidden states (B, T, d). With `cache` (from `new_cache`), tokens are the single position `start`."""
@@ -258,11 +202,6 @@ class WyckoffTransformer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _split_mixture(params, config):
-    K = config.n_mixture
-    return params[:, :K], params[:, K:2 * K], params[:, 2 * K:3 * K]
-
-
 def _target(values, kinds):
     """The variable each kind is modelled in: angle 2*pi*x, log length (Å), scaled angle."""
     is_coord = kinds <= COORD_KINDS[-1]
@@ -284,19 +223,9 @@ def continuous_nll(params, values, kinds, config) -> torch.Tensor:
 
 
 def continuous_log_prob(params, values, kinds, config) -> torch.Tensor:
-    """Per value: log density of the mixture head, in the variable `_target` models each kind in."""
-    y = _target(values, kinds)
-    is_coord = kinds <= COORD_KINDS[-1]
-    logit_w, mu, scale = _split_mixture(params, config)
-    log_w = F.log_softmax(logit_w, dim=-1)
-    yk = y.unsqueeze(-1)
-    # von Mises: log p = kappa cos(y - mu) - log(2 pi I0(kappa)), I0 via the scaled i0e for stability.
-    kappa = F.softplus(scale) + 1e-3
-    log_vm = kappa * torch.cos(yk - mu) - (torch.log(torch.special.i0e(kappa)) + kappa) - math.log(2 * math.pi)
-    sigma = F.softplus(scale) + 1e-3
-    log_gauss = -0.5 * ((yk - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
-    log_p = torch.where(is_coord.unsqueeze(-1), log_vm, log_gauss)
-    return torch.logsumexp(log_w + log_p, dim=-1)
+    """Per value: log density of the mixture head (coordinates von Mises, the rest Gaussian), in the variable
+    `_target` models each kind in."""
+    return mixture_log_prob(params, _target(values, kinds), kinds <= COORD_KINDS[-1])
 
 
 def sample_continuous(params, kinds, config, temperature: float, generator=None) -> torch.Tensor:
@@ -307,36 +236,6 @@ def sample_continuous(params, kinds, config, temperature: float, generator=None)
         pred = params[:, 0]
         y = torch.where(is_coord, 2 * math.pi * torch.sigmoid(pred), pred)
     else:
-        logit_w, mu, scale = _split_mixture(params, config)
-        probs = F.softmax(logit_w / temperature, dim=-1)
-        k = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        mu_k = mu.gather(1, k[:, None]).squeeze(1)
-        s_k = F.softplus(scale.gather(1, k[:, None]).squeeze(1)) + 1e-3
-        normal = torch.randn(mu_k.shape, generator=generator, device=mu_k.device)
-        gauss = mu_k + s_k * math.sqrt(temperature) * normal
-        vm = _sample_von_mises(mu_k, s_k / temperature, generator)
-        y = torch.where(is_coord, vm, gauss)
+        y = sample_mixture(params, is_coord, temperature, generator)
     return torch.where(is_coord, torch.remainder(y / (2 * math.pi), 1.0),
                        torch.where(is_length, torch.exp(y), y * ANGLE_SCALE + ANGLE_CENTER))
-
-
-def _sample_von_mises(mu, kappa, generator=None, max_rounds: int = 64):
-    """Best–Fisher rejection sampling, vectorised and seeded (torch.distributions.VonMises takes no generator)."""
-    tau = 1 + torch.sqrt(1 + 4 * kappa**2)
-    rho = (tau - torch.sqrt(2 * tau)) / (2 * kappa)
-    r = (1 + rho**2) / (2 * rho)
-    out = torch.zeros_like(mu)
-    todo = torch.ones_like(mu, dtype=torch.bool)
-    for _ in range(max_rounds):
-        u1, u2, u3 = (torch.rand(mu.shape, generator=generator, device=mu.device) for _ in range(3))
-        z = torch.cos(math.pi * u1)
-        f = (1 + r * z) / (r + z)
-        c = kappa * (r - f)
-        accept = todo & ((c * (2 - c) - u2 > 0) | (torch.log(c / u2) + 1 - c >= 0))
-        theta = torch.sign(u3 - 0.5) * torch.acos(f.clamp(-1, 1))
-        out = torch.where(accept, theta, out)
-        todo = todo & ~accept
-        if not todo.any():
-            break
-    out = torch.where(todo, torch.rand(mu.shape, generator=generator, device=mu.device) * 2 * math.pi, out)
-    return mu + out

@@ -14,7 +14,7 @@ import numpy as np
 from pymatgen.core import Composition, Element
 
 from wyckoff_lab.core.generators import Conditions
-from wyckoff_lab.core.generators.wyckoff_transformer.tokenizer import (
+from wyckoff_lab.core.generators.wyckoff_grammar.tokenizer import (
     CONTINUOUS_KINDS,
     MAX_COUNT,
     VOCAB,

@@ -1,0 +1,1 @@
+"""Neural-network machinery the generators share: blocks, heads, decoding, training, checkpoints, data and device."""

@@ -11,7 +11,6 @@ import pytest
 from wyckoff_lab.core.generators import Conditions, UnsupportedConditionError, get_generator
 from wyckoff_lab.core.generators import pyxtal_baseline
 from wyckoff_lab.core.generators.pyxtal_baseline import (
-    CENTERING_FACTOR,
     PyXtalGenerator,
     candidate_compositions,
     needs_charge_balance,
@@ -38,7 +37,7 @@ def charge_neutral(composition) -> bool:
 
 
 def primitive_atoms(candidate) -> float:
-    return len(candidate.structure) / CENTERING_FACTOR[spacegroup(candidate.intended_spacegroup).symbol[0]]
+    return len(candidate.structure) / spacegroup(candidate.intended_spacegroup).centering_factor
 
 
 def test_unconditioned_structures_are_charge_balanced_and_within_limits(generator):

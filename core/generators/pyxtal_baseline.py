@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Composition, Element
 
+from wyckoff_lab.core.defaults import MAX_ATOMS
 from wyckoff_lab.core.generators import (
     Candidate,
     Conditions,
@@ -24,18 +25,17 @@ from wyckoff_lab.core.generators import (
     ProgressCallback,
     register_generator,
 )
+from wyckoff_lab.core.generators.quality import cell_is_sound, sample_until
 from wyckoff_lab.core.symmetry import check_tolerance, spacegroup
 from wyckoff_lab.core.templates import check_template, counts_feasible
 from wyckoff_lab.core.wyckoff import WyckoffCrystal
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_ATOMS = 20  # primitive cell, as in MP-20
+DEFAULT_MAX_ATOMS = MAX_ATOMS
 VOLUME_FACTOR = 1.1  # pyxtal's volume factor over its estimate from atomic radii
 ATTEMPTS_PER_STRUCTURE = 5  # cap on attempts, so an unlucky request ends instead of looping
 PYXTAL_TRIES = 3  # pyxtal's own restarts per attempt (each restart already tries many lattices and coordinates)
-# Conventional-cell atoms per primitive-cell atom, from the lattice centring letter (R groups in hexagonal axes).
-CENTERING_FACTOR = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "F": 4, "R": 3}
 
 # Used only when MP-20 is not available: the most frequent chemical systems and space groups of MP-20 train
 # (row counts), so that unconditioned sampling still resembles the benchmark's distribution.
@@ -166,9 +166,7 @@ def compositions_by_size(elements: tuple[str, ...], max_atoms: int) -> tuple[tup
 def _multiplicities(number: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """(centring factor, 0-DOF multiplicities, repeatable multiplicities) of a space group, for counts_feasible."""
     group = spacegroup(number)
-    fixed = tuple(sorted(wp.multiplicity for wp in group.wyckoff_positions if wp.dof == 0))
-    repeatable = tuple(sorted({wp.multiplicity for wp in group.wyckoff_positions if wp.dof > 0}))
-    return CENTERING_FACTOR[group.symbol[0]], fixed, repeatable
+    return group.centering_factor, group.fixed_multiplicities, group.repeatable_multiplicities
 
 
 @functools.lru_cache(maxsize=200_000)
@@ -281,28 +279,38 @@ class PyXtalGenerator(Generator):
                 groups = np.array(list(all_groups)), np.array(list(all_groups.values()), dtype=float)
         base_seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63)
 
-        candidates: list[Candidate] = []
-        failures: Counter = Counter()
         attempts = 0
         last = time.perf_counter()
-        with warnings.catch_warnings(), _pyxtal_tolerances() as tolerances:
-            warnings.simplefilter("ignore")  # pyxtal warns on every volume increase it makes
-            while len(candidates) < n and attempts < self.attempts_per_structure * n:
+
+        def draw(wanted: int, round_: int, have: int) -> list:
+            """`wanted` attempts, numbered on from the last round's: attempt k draws from rng([seed, k])."""
+            nonlocal attempts, last
+            outcomes = []
+            for _ in range(wanted):
                 rng = np.random.default_rng([base_seed, attempts])
                 outcome = self._attempt(rng, conditions, max_atoms, systems, groups, tolerances)
-                if isinstance(outcome, str):
-                    failures[outcome] += 1
-                else:
+                if not isinstance(outcome, str):
                     structure, sg, wyckoff, z = outcome
-                    now = time.perf_counter()
-                    candidates.append(Candidate(structure, self.name, conditions, intended_spacegroup=sg,
-                                                wyckoff=wyckoff, sampling_time_s=now - last, seed=base_seed,
-                                                extra={"attempt": attempts, "formula_units": z}))
-                    last = now
+                    if not cell_is_sound(structure):
+                        outcome = "degenerate_cell"
+                    else:
+                        now = time.perf_counter()
+                        outcome = Candidate(structure, self.name, conditions, intended_spacegroup=sg,
+                                            wyckoff=wyckoff, sampling_time_s=now - last, seed=base_seed,
+                                            extra={"attempt": attempts, "formula_units": z})
+                        last = now
+                outcomes.append(outcome)
                 attempts += 1
                 if progress:
-                    progress(len(candidates), n)
-        return GenerationResult(candidates, attempts=attempts, failures=dict(failures))
+                    progress(have + sum(not isinstance(o, str) for o in outcomes), n)
+            return outcomes
+
+        with warnings.catch_warnings(), _pyxtal_tolerances() as tolerances:
+            warnings.simplefilter("ignore")  # pyxtal warns on every volume increase it makes
+            # Rounds until n are made or the attempt budget is spent: the same attempts, in the same order, as
+            # trying one at a time until then (a round of `wanted` attempts never makes more than wanted).
+            sampled = sample_until(n, draw, rounds=None, max_attempts=self.attempts_per_structure * n)
+        return GenerationResult(sampled.kept, attempts=sampled.attempts, failures=sampled.failures)
 
     def _attempt(self, rng: np.random.Generator, conditions: Conditions, max_atoms: int, systems, groups,
                  tolerances):

@@ -19,7 +19,6 @@ from wyckoff_lab.core.generators.wyckoff_grammar.tokenizer import (
     MAX_COUNT,
     VOCAB,
     TokenSequence,
-    centering_factor,
 )
 from wyckoff_lab.core.symmetry import SpaceGroupInfo, WyckoffPosition, spacegroup
 from wyckoff_lab.core.templates import counts_feasible
@@ -41,10 +40,9 @@ class SpaceGroupMultiplicities:
     def of(cls, number: int) -> "SpaceGroupMultiplicities":
         if number not in _SG_CACHE:
             group = spacegroup(number)
-            fixed = tuple(sorted(wp.multiplicity for wp in group.wyckoff_positions if wp.dof == 0))
-            repeatable = tuple(sorted({wp.multiplicity for wp in group.wyckoff_positions if wp.dof > 0}))
             by_token = {VOCAB.wyckoff(wp.token): wp for wp in group.wyckoff_positions}
-            _SG_CACHE[number] = cls(group, centering_factor(number), fixed, repeatable, by_token)
+            _SG_CACHE[number] = cls(group, group.centering_factor, group.fixed_multiplicities,
+                                    group.repeatable_multiplicities, by_token)
         return _SG_CACHE[number]
 
     def feasible(self, counts, used_fixed: tuple[int, ...] = ()) -> bool:
@@ -201,7 +199,7 @@ class DecodingState:
             options = [z * formula[element] for z in range(1, max_total // per_unit + 1)]
         else:
             options = range(1, min(MAX_COUNT, max_total - already - later * self.plan.min_count) + 1)
-        factor = centering_factor(forced_sg) if forced_sg else 1
+        factor = spacegroup(forced_sg).centering_factor if forced_sg else 1
         for n in options:
             if n > MAX_COUNT or n * factor < self.plan.pinned.get(element, 0):
                 continue

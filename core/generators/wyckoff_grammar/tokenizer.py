@@ -23,12 +23,13 @@ from wyckoff_lab.core.wyckoff import WyckoffCrystal
 
 MAX_Z = 103
 MAX_COUNT = 128  # atoms of one element in the primitive cell
-CENTERING_FACTOR = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "F": 4, "R": 3}
 
 
 def centering_factor(spacegroup_number: int) -> int:
     """Conventional-cell atoms per primitive-cell atom (R groups in hexagonal axes: 3)."""
-    return CENTERING_FACTOR[spacegroup(spacegroup_number).symbol[0]]
+    return spacegroup(spacegroup_number).centering_factor
+
+
 SPECIALS = ("<pad>", "<bos>", "<sep>", "<end>", "<num>", "stab:low", "stab:high")
 CONTINUOUS_KINDS = ("x", "y", "z") + LATTICE_PARAMETER_NAMES  # kind index k>0 is CONTINUOUS_KINDS[k-1]
 COORD_KINDS = (1, 2, 3)

@@ -1,11 +1,8 @@
-"""The pieces of `wyckoff-lab bench sun` and `bench recover`: sampling to a fixed count, relaxing, ML hulls shared
-across generators, S.U.N. counting, held-out chemical systems of MP-20 and the recovery of their known structures."""
+"""The pieces of `wyckoff-lab bench sun` and `bench recover` besides relaxing and hulls (`core.pipeline`): sampling
+to a fixed count, held-out chemical systems of MP-20 and the recovery of their known structures."""
 
 from __future__ import annotations
 
-import math
-import sys
-import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,44 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from pymatgen.core import Structure
-from tqdm import tqdm
 
 from wyckoff_lab.core.generators import Candidate, Conditions, Generator
-from wyckoff_lab.core.hull import USABLE_STATUSES, HullReference
-from wyckoff_lab.core.metrics import (
-    ReferenceIndex,
-    compositional_validity,
-    novel_flags,
-    stability_flags,
-    structural_validity,
-    sun_metrics,
-    unique_flags,
-)
-from wyckoff_lab.core.paths import DataUnavailableError
-from wyckoff_lab.core.relax import LoadedPotential, PotentialError, RelaxResult, relax
-from wyckoff_lab.core.structures import primitive_cell
+from wyckoff_lab.core.metrics import unique_flags
+from wyckoff_lab.core.pipeline import progress_bar
 
-# Candidates and hull references must be relaxed alike; these are the defaults of relax() and HullReference.build.
-FMAX_EV_PER_A = 0.05
-MAX_STEPS = 500
-# relax() batches everything it is given; chunks this size (two model batches) let a progress bar move, at the
-# cost of a little batching where a chunk's last structures still relax alone.
-RELAX_CHUNK = 64
 # Failed attempts are asked for again, but at most this many attempts per structure wanted (PyXtal's own cap).
 ATTEMPTS_PER_STRUCTURE = 5
 MAX_AUTO_SYSTEMS = 5
 # `bench recover --relax`: a short relaxation, enough to move a nearly right guess into StructureMatcher's
 # tolerances, far too short to turn a wrong one into a known structure.
 RECOVER_RELAX_STEPS = 100
-
-
-def _bar(total: int, desc: str, unit: str, progress: bool):
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress, leave=False)
-
-
-def chemical_system(structure: Structure) -> tuple[str, ...]:
-    """Sorted element symbols: the key of a hull."""
-    return tuple(sorted(el.symbol for el in structure.composition.elements))
 
 
 # -- sampling -------------------------------------------------------------------------------------------------------
@@ -78,7 +48,7 @@ def sample_structures(generator: Generator, n: int, conditions: Conditions, temp
     candidates: list[Candidate] = []
     failures: Counter = Counter()
     attempts, seconds, round_ = 0, 0.0, 0
-    bar = _bar(n, desc, "crystal", progress)
+    bar = progress_bar(n, desc, "crystal", progress)
     spent = 0  # attempts against the budget: what likelihood ranking leaves out was made on purpose
     while len(candidates) < n and spent < ATTEMPTS_PER_STRUCTURE * n:
         def report(done: int, total: int, have: int = len(candidates)) -> None:
@@ -106,142 +76,6 @@ def merge_samples(samples: Sequence[Sample]) -> Sample:
         failures.update(sample.failures)
     return Sample([c for sample in samples for c in sample.candidates], sum(s.requested for s in samples),
                   sum(s.attempts for s in samples), dict(failures), sum(s.seconds for s in samples))
-
-
-# -- relaxation and hulls -------------------------------------------------------------------------------------------
-
-
-def relax_all(structures: Sequence[Structure], potential: LoadedPotential, max_steps: int = MAX_STEPS,
-              progress: bool = False, desc: str = "relaxing") -> tuple[list[RelaxResult], float]:
-    """relax() in chunks of RELAX_CHUNK (so a progress bar moves); the results and the wall time in seconds.
-
-    Each structure is relaxed in its primitive cell: generators write conventional cells (PyXtal's reach 80 atoms
-    for 20 in the primitive cell), the potential's cost grows with the atoms, and energy per atom, hull distance,
-    uniqueness and novelty do not depend on the cell chosen.
-    """
-    results: list[RelaxResult] = []
-    start = time.perf_counter()
-    bar = _bar(len(structures), desc, "crystal", progress)
-    for first in range(0, len(structures), RELAX_CHUNK):
-        chunk = [primitive_cell(s) for s in structures[first:first + RELAX_CHUNK]]
-        results += relax(chunk, potential, FMAX_EV_PER_A, max_steps)
-        bar.update(len(chunk))
-    bar.close()
-    return results, time.perf_counter() - start
-
-
-class HullBook:
-    """The ML hulls of one run, one per chemical system, built on first need and shared by all generators.
-
-    Every hull uses the run's potential and the candidates' relaxation settings (MP-20 references, all splits),
-    so candidates and references share one energy scale. A system whose hull cannot be built keeps its error.
-    """
-
-    def __init__(self, potential: LoadedPotential, max_references: int | None):
-        self.potential = potential
-        self.max_references = max_references
-        self.seconds: dict[tuple[str, ...], float] = {}  # wall time of each build (or hull-cache load)
-        self.from_cache: dict[tuple[str, ...], bool] = {}
-        self._hulls: dict[tuple[str, ...], HullReference | Exception] = {}
-
-    def get(self, elements: tuple[str, ...]) -> HullReference:
-        """The hull of `elements`; raises the build's error (ValueError, DataUnavailableError, PotentialError)."""
-        if elements not in self._hulls:
-            start = time.perf_counter()
-            try:
-                hull = HullReference.build(elements, self.potential, dataset="mp_20", split="all",
-                                           max_references=self.max_references, fmax=FMAX_EV_PER_A,
-                                           max_steps=MAX_STEPS)
-                self.from_cache[elements] = hull.from_cache
-            except (ValueError, DataUnavailableError, PotentialError) as exc:
-                hull = exc
-            self._hulls[elements] = hull
-            self.seconds[elements] = time.perf_counter() - start
-        hull = self._hulls[elements]
-        if isinstance(hull, Exception):
-            raise hull
-        return hull
-
-
-@dataclass
-class HullPlacement:
-    """E_hull (eV/atom) per relaxation result, NaN where the relaxation or its system's hull failed."""
-
-    e_above_hull: list[float]
-    systems: list[tuple[str, ...]]  # chemical systems of the usable results
-    failures: dict[str, str]  # "A-B-C" -> why its hull could not be built
-    n_hull_failed: int  # usable results left without E_hull by those failures
-
-    def seconds(self, book: HullBook) -> float:
-        """Time the hulls of these systems took (shared hulls count for every generator that needs them)."""
-        return sum(book.seconds.get(system, 0.0) for system in self.systems)
-
-
-def place_on_hulls(results: Sequence[RelaxResult], book: HullBook, progress: bool = False) -> HullPlacement:
-    """Group usable results (converged, or an unconverged upper bound, as the hull module takes them) by chemical
-    system and place each group on its system's hull."""
-    by_system: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for i, result in enumerate(results):
-        if result.status in USABLE_STATUSES:
-            by_system[chemical_system(result.final)].append(i)
-    e_above_hull = [math.nan] * len(results)
-    failures: dict[str, str] = {}
-    n_failed = 0
-    for system, members in tqdm(by_system.items(), desc="hulls", unit="chemsys", file=sys.stderr,
-                                disable=not progress, leave=False):
-        try:
-            points = book.get(system).e_above_hull([results[i] for i in members])
-        except (ValueError, DataUnavailableError, PotentialError) as exc:
-            failures["-".join(system)] = str(exc)
-            n_failed += len(members)
-            continue
-        for i, point in zip(members, points):
-            e_above_hull[i] = math.nan if point.e_above_hull is None else float(point.e_above_hull)
-    return HullPlacement(e_above_hull, list(by_system), failures, n_failed)
-
-
-SUN_WITHIN_EV = (0.001, 0.05, 0.1)
-
-
-def sun_summary(structures: Sequence[Structure], e_above_hull: Sequence[float],
-                reference: ReferenceIndex | Sequence[Structure], matcher=None) -> dict:
-    """S.U.N. and M.S.U.N. of one generator's (relaxed) structures, as `metrics.evaluate` counts them.
-
-    Structural validity on all; uniqueness among the structurally valid; novelty of the unique ones against
-    `reference`; then `metrics.sun_metrics` (stable: E_hull <= 0, metastable: < 0.1 eV/atom, both with at least
-    two elements), whose rates are fractions of all structures. NaN energies (failed relaxations or hulls) count
-    as unstable. Also the mean, median and quantiles of E_hull (eV/atom) over the structures that have one (the
-    paper's Fig. 4 compares these distributions) and S.U.N. counts below each of SUN_WITHIN_EV.
-    """
-    n = len(structures)
-    e = np.asarray(e_above_hull, dtype=float)
-    if len(e) != n:
-        raise ValueError(f"{len(e)} energies above hull for {n} structures")
-    struct_valid = structural_validity(structures) if n else np.zeros(0, dtype=bool)
-    valid_idx = np.flatnonzero(struct_valid)
-    unique = np.zeros(n, dtype=bool)
-    unique[valid_idx] = unique_flags([structures[i] for i in valid_idx], matcher)
-    unique_idx = np.flatnonzero(unique)
-    novel = np.zeros(n, dtype=bool)
-    novel[unique_idx] = novel_flags([structures[i] for i in unique_idx], reference, matcher)
-    stability = sun_metrics(e, struct_valid=struct_valid, comp_valid=compositional_validity(structures),
-                            unique=unique, novel=novel, n_elements=[len(s.composition.elements) for s in structures])
-    known = e[np.isfinite(e)]
-    # Matra-Genoa's Table I thresholds: S.U.N. counted below 0.001, 0.05 and 0.1 eV/atom above the hull
-    un = struct_valid & unique & novel
-    n_elements = [len(s.composition.elements) for s in structures]
-    within = {str(t): int((un & stability_flags(e, n_elements, t, inclusive=False)).sum())
-              for t in SUN_WITHIN_EV}
-    return {"n": n, "n_struct_valid": int(struct_valid.sum()), "n_unique": int(unique.sum()),
-            "n_novel": int(novel.sum()), "n_e_above_hull": len(known),
-            "sun_rate": stability["sun_rate"], "n_sun": stability["n_sun"],
-            "msun_rate": stability["msun_rate"], "n_msun": stability["n_msun"],
-            "stable_rate": stability["stable_rate"], "metastable_rate": stability["metastable_rate"],
-            "e_above_hull_mean": float(known.mean()) if len(known) else math.nan,
-            "e_above_hull_median": float(np.median(known)) if len(known) else math.nan,
-            "n_sun_within_ev": within,
-            "e_above_hull_quantiles": ({str(q): float(np.quantile(known, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
-                                       if len(known) else {})}
 
 
 # -- held-out chemical systems and their recovery -------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -15,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from ase.build import bulk
 from ase.data import covalent_radii
+from monty.json import MontyEncoder
 from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
-from pymatgen.core import Element, Lattice, Structure
+from pymatgen.core import Composition, Element, Lattice, Structure
 
 from wyckoff_lab.core.paths import cache_dir, entry_field, file_digest, read_cache_entry, write_cache_entry
 from wyckoff_lab.core.relax import (
@@ -32,7 +34,9 @@ from wyckoff_lab.core.relax import (
 log = logging.getLogger(__name__)
 
 # 2: entries carry this version, and only hulls whose every reference relaxation succeeded are cached.
-HULL_CACHE_VERSION = 2
+# 3: the phase diagram is stored as pymatgen's own PhaseDiagram.as_dict() beside the references, so a cached hull
+#    is read back with PhaseDiagram.from_dict (no new convex hull computed).
+HULL_CACHE_VERSION = 3
 DEFAULT_MAX_REFERENCES = 3
 USABLE_STATUSES = ("converged", "not_converged")  # an unconverged relaxation still gives an upper-bound energy
 # Elements that form diatomic molecules; an fcc crystal of single atoms would be a far too high reference for them.
@@ -96,6 +100,36 @@ class HullPlan:
         where = "on CPU" if self.device == "cpu" else f"at CPU speed (faster on {self.device})"
         return (f"hull {'-'.join(self.elements)}: {self.n_references} reference relaxations, {self.n_uncached} not "
                 f"cached yet ({when} {where})")
+
+
+@dataclass(frozen=True)
+class DiagramPlacement:
+    """Where one composition and total energy lie on a phase diagram (see `place_entry`)."""
+
+    e_above_hull: float  # eV/atom, negative below the hull
+    formation_energy_per_atom: float  # eV/atom against the diagram's elemental references
+    decomposition: dict[str, float]  # reduced formula -> fraction of atoms in the competing phase mixture
+
+
+def place_entry(diagram: PhaseDiagram, composition: Composition, energy: float) -> DiagramPlacement:
+    """E_hull, formation energy and decomposition of `composition` at total energy `energy` (eV) on `diagram`."""
+    entry = PDEntry(composition, energy)
+    decomposition, e_above_hull = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
+    return DiagramPlacement(float(e_above_hull), float(diagram.get_form_energy_per_atom(entry)),
+                            {e.composition.reduced_formula: float(f) for e, f in decomposition.items()})
+
+
+def diagram_dict(diagram: PhaseDiagram) -> dict:
+    """pymatgen's `PhaseDiagram.as_dict()` as plain JSON types (it holds numpy integers); `PhaseDiagram.from_dict`
+    reads it back without computing the hull again."""
+    return json.loads(json.dumps(diagram.as_dict(), cls=MontyEncoder))
+
+
+def tie_lines(diagram: PhaseDiagram) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """Pairs of stable phases joined by a facet of the hull, as composition dicts (the lines a diagram draws)."""
+    edges = {(min(i, j), max(i, j)) for facet in diagram.facets for i, j in itertools.combinations(facet, 2)}
+    entries = diagram.qhull_entries
+    return [(entries[i].composition.as_dict(), entries[j].composition.as_dict()) for i, j in sorted(edges)]
 
 
 @dataclass
@@ -233,10 +267,12 @@ class HullReference:
         pot = resolve_potential(potential, device)
         settings = HullSettings(pot.identity, fmax, max_steps, relax_cell)
         path = _hull_cache_path(elements, dataset, split, max_references, settings) if cache and pot.cacheable else None
-        references = _read_references(path)
-        from_cache = references is not None
+        cached = _read_hull(path)
+        from_cache = cached is not None
         relax_time_s = 0.0
-        if not from_cache:
+        if from_cache:
+            references, diagram = cached
+        else:
             candidates = _select_references(elements, dataset, split, max_references)
             present = {str(el) for s, *_ in candidates for el in s.composition.elements if len(s.composition) == 1}
             for symbol in elements:
@@ -255,8 +291,7 @@ class HullReference:
                 ReferencePhase(formula, source, ef, r.status, r.energy, r.final)
                 for (_, formula, source, ef), r in zip(candidates, results)
             ]
-        diagram = _phase_diagram(elements, references)
-        if not from_cache:
+            diagram = _phase_diagram(elements, references)
             failed = [r for r in references if r.status not in USABLE_STATUSES]
             if failed:
                 # Left out of this hull, but not pinned: the next build retries them. The relax cache keeps the
@@ -267,7 +302,7 @@ class HullReference:
                         len(references), ", ".join(f"{r.formula} {r.source}: {r.status}" for r in failed[:5]),
                         "-".join(elements))
             else:
-                _write_references(path, references)
+                _write_hull(path, references, diagram)
         return cls(elements, pot, settings, references, diagram, relax_time_s, time.perf_counter() - t0, from_cache)
 
     def e_above_hull(self, candidates: Iterable[Structure | RelaxResult]) -> list[HullPoint]:
@@ -299,10 +334,9 @@ class HullReference:
         formula = result.final.composition.reduced_formula
         if result.status not in USABLE_STATUSES:
             return HullPoint(formula, result.energy_per_atom, None, {}, result.status, result)
-        entry = PDEntry(result.final.composition, result.energy)
-        decomposition, e_above_hull = self.diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
-        fractions = {e.composition.reduced_formula: float(f) for e, f in decomposition.items()}
-        return HullPoint(formula, result.energy_per_atom, float(e_above_hull), fractions, result.status, result)
+        placed = place_entry(self.diagram, result.final.composition, result.energy)
+        return HullPoint(formula, result.energy_per_atom, placed.e_above_hull, placed.decomposition, result.status,
+                         result)
 
     def summary(self) -> dict:
         """JSON-ready description of the hull: settings, timings and the reference list."""
@@ -346,14 +380,19 @@ def _phase_diagram(elements: Sequence[str], references: list[ReferencePhase]) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pymatgen warns about elements without electronegativity data
         diagram = PhaseDiagram(entries, elements=[Element(e) for e in elements])
-    for reference, entry in zip(usable, entries):
-        reference.e_above_hull = float(diagram.get_e_above_hull(entry))
-        reference.on_hull = bool(np.isclose(reference.e_above_hull, 0.0, atol=1e-6))
+    _mark_on_hull(usable, entries, diagram)
     return diagram
 
 
-def _read_references(path: Path | None) -> list[ReferencePhase] | None:
-    def parse(data: dict) -> list[ReferencePhase]:
+def _mark_on_hull(usable: list[ReferencePhase], entries: list[PDEntry], diagram: PhaseDiagram) -> None:
+    """Fill e_above_hull and on_hull of the usable references from their entries (same order) on `diagram`."""
+    for reference, entry in zip(usable, entries, strict=True):
+        reference.e_above_hull = float(diagram.get_e_above_hull(entry))
+        reference.on_hull = bool(np.isclose(reference.e_above_hull, 0.0, atol=1e-6))
+
+
+def _read_hull(path: Path | None) -> tuple[list[ReferencePhase], PhaseDiagram] | None:
+    def parse(data: dict) -> tuple[list[ReferencePhase], PhaseDiagram]:
         rows = entry_field(data, "references", list)
         if not rows:
             raise ValueError("no references")
@@ -369,12 +408,21 @@ def _read_references(path: Path | None) -> list[ReferencePhase] | None:
                 entry_field(row, "dft_formation_energy_per_atom", float), status, entry_field(row, "energy", float),
                 Structure.from_dict(entry_field(row, "structure", dict)),
             ))
-        return references
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            diagram = PhaseDiagram.from_dict(entry_field(data, "diagram", dict))
+        # PhaseDiagram keeps its own order of entries: each reference finds its own by name and energy.
+        by_key = {(e.name, e.energy): e for e in diagram.all_entries}
+        missing = [r.source for r in references if (r.source, r.energy) not in by_key]
+        if missing or len(by_key) != len(references):
+            raise ValueError(f"references and diagram entries differ ({', '.join(missing[:3]) or 'in number'})")
+        _mark_on_hull(references, [by_key[r.source, r.energy] for r in references], diagram)
+        return references, diagram
 
     return read_cache_entry(path, HULL_CACHE_VERSION, parse, "hull cache entry")
 
 
-def _write_references(path: Path | None, references: list[ReferencePhase]) -> None:
+def _write_hull(path: Path | None, references: list[ReferencePhase], diagram: PhaseDiagram) -> None:
     rows = [
         {
             "formula": r.formula,
@@ -386,4 +434,4 @@ def _write_references(path: Path | None, references: list[ReferencePhase]) -> No
         }
         for r in references
     ]
-    write_cache_entry(path, HULL_CACHE_VERSION, {"references": rows})
+    write_cache_entry(path, HULL_CACHE_VERSION, {"references": rows, "diagram": diagram_dict(diagram)})

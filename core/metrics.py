@@ -420,19 +420,81 @@ def stability_flags(e_above_hull: Sequence[float], n_elements: Sequence[int], th
     return below & np.isfinite(e) & (np.asarray(n_elements) >= min_elements)
 
 
+@dataclass(frozen=True)
+class SunProtocol:
+    """One paper's rule for a S.U.N.-type count: what is stable, which structures must be valid, among which
+    structures uniqueness is decided. Counts are always fractions of all n structures (every decode, failed
+    relaxations and failed hulls included: a NaN E_hull is never stable); novelty is against the caller's reference.
+
+    validity: "none", "structural" (CDVAE: volume >= 0.1 Å^3, no pair closer than 0.5 Å) or "full" (structural and
+    SMACT). unique_among: "valid" (first of each StructureMatcher class among the valid structures), "all" (among
+    every structure, valid or not), "stable" (among the valid stable ones).
+    """
+
+    name: str
+    label: str
+    source: str
+    threshold_ev: float  # eV/atom
+    inclusive: bool  # E_hull <= threshold (else <)
+    min_elements: int
+    validity: str
+    unique_among: str
+
+    def flags(self, e_above_hull: Sequence[float], n_elements: Sequence[int], struct_valid: np.ndarray,
+              comp_valid: np.ndarray, novel: np.ndarray, unique_among: Callable[[np.ndarray], np.ndarray]
+              ) -> np.ndarray:
+        """Per structure: counted by this protocol. `unique_among(mask)` gives the uniqueness flags of the
+        structures in `mask` decided among those alone (False outside it)."""
+        n = len(struct_valid)
+        valid = {"none": np.ones(n, dtype=bool), "structural": np.asarray(struct_valid, bool),
+                 "full": np.asarray(struct_valid, bool) & np.asarray(comp_valid, bool)}[self.validity]
+        stable = valid & stability_flags(e_above_hull, n_elements, self.threshold_ev, self.inclusive,
+                                         self.min_elements)
+        domain = {"all": np.ones(n, dtype=bool), "valid": valid, "stable": stable}[self.unique_among]
+        return stable & unique_among(domain) & np.asarray(novel, bool)
+
+    def describe(self) -> str:
+        rule = "<=" if self.inclusive else "<"
+        elements = f", >= {self.min_elements} elements" if self.min_elements > 1 else ""
+        validity = {"none": "", "structural": "structurally valid, ", "full": "valid (structure and SMACT), "}
+        among = {"all": "all structures", "valid": "the valid ones", "stable": "the stable ones"}[self.unique_among]
+        return (f"{validity[self.validity]}E_hull {rule} {self.threshold_ev:g} eV/atom{elements}, unique among "
+                f"{among}, novel; over all n")
+
+
+OURS_SUN = SunProtocol(
+    "ours_sun", "S.U.N. (ours)", "SymADiT App. E/F: stable on or below the hull, compounds only; rates over all n "
+    "as its footnote's product of V, U, N and S", STABLE_THRESHOLD, True, MIN_STABLE_ELEMENTS, "structural", "valid")
+OURS_MSUN = SunProtocol(
+    "ours_msun", "M.S.U.N. (ours)", "SymADiT: metastable below 0.1 eV/atom, compounds only", METASTABLE_THRESHOLD,
+    False, MIN_STABLE_ELEMENTS, "structural", "valid")
+MATTERGEN_SUN = SunProtocol(
+    "mattergen_sun", "S.U.N. (MatterGen)", "MatterGen (Zeni et al. 2025): stable within 0.1 eV/atom of the hull, any "
+    "number of elements, uniqueness over all generated structures", METASTABLE_THRESHOLD, True, 1, "none", "all")
+FLOWMM_SUN = SunProtocol(
+    "flowmm_sun", "S.U.N. (FlowMM)", "FlowMM (Miller et al. 2024): stable on or below the hull, uniqueness decided "
+    "among the stable structures only", STABLE_THRESHOLD, True, 1, "none", "stable")
+COMPOSABLE_VSUN = SunProtocol(
+    "composable_vsun", "V.S.U.N. (Composable Crystals)", "Composable Crystals, App. C.3 Eq. 12 and Sec. 4.1: valid in "
+    "structure (volume > 0.1, pairs >= 0.5 Å) and composition (charge neutrality, electronegativity), E_hull below "
+    "0.1 eV/atom (following MatterGen), unique and novel; uniqueness among the valid ('only valid crystals are "
+    "meaningful for the remaining properties'); no element rule", METASTABLE_THRESHOLD, False, 1, "full", "valid")
+SUN_PROTOCOLS = (OURS_SUN, OURS_MSUN, MATTERGEN_SUN, FLOWMM_SUN, COMPOSABLE_VSUN)
+
+
 def sun_metrics(e_above_hull: Sequence[float] | None, *, struct_valid: Sequence[bool], comp_valid: Sequence[bool],
                 unique: Sequence[bool], novel: Sequence[bool], n_elements: Sequence[int]) -> dict:
     """Stability compound rates over all n structures (fractions of the whole generated set).
 
     - stable: E_hull <= 0.0 eV/atom ("on or below the hull", SymADiT App. E) and >= 2 elements (SymADiT App. F).
     - metastable: E_hull < 0.1 eV/atom and >= 2 elements (SymADiT).
-    - sun_rate: structurally valid & unique & novel & stable, / n (SymADiT's footnote: the product of validity,
-      uniqueness, novelty and stability rates is the fraction of all generated materials).
-    - msun_rate: the same with metastable.
-    - vsun_rate: composable-crystals' V.S.U.N.: valid in structure *and* composition & unique & novel & E_hull below
-      0.1 eV/atom (their stability, following MatterGen; the >= 2-element condition is kept).
-    `unique` / `novel` are per-structure flags (False where not evaluated). E_hull None gives NaN rates; NaN
-    entries (failed relaxations) count as unstable.
+    - sun_rate: OURS_SUN, structurally valid & unique & novel & stable, / n (SymADiT's footnote: the product of
+      validity, uniqueness, novelty and stability rates is the fraction of all generated materials).
+    - msun_rate: OURS_MSUN, the same with metastable.
+    - vsun_rate: COMPOSABLE_VSUN, Composable Crystals' V.S.U.N. (no element rule).
+    `unique` / `novel` are per-structure flags (False where not evaluated), uniqueness decided among the
+    structurally valid: that is each of these protocols' own rule (matched structures share a formula, so they
+    are SMACT-valid alike). E_hull None gives NaN rates; NaN entries (failed relaxations) count as unstable.
     """
     names = ("stable_rate", "metastable_rate", "sun_rate", "msun_rate", "vsun_rate")
     n = len(struct_valid)
@@ -443,12 +505,64 @@ def sun_metrics(e_above_hull: Sequence[float] | None, *, struct_valid: Sequence[
         raise ValueError(f"{len(e_above_hull)} energies above hull for {n} structures")
     stable = stability_flags(e_above_hull, n_elements, STABLE_THRESHOLD, inclusive=True)
     metastable = stability_flags(e_above_hull, n_elements, METASTABLE_THRESHOLD, inclusive=False)
-    un = np.asarray(struct_valid, bool) & np.asarray(unique, bool) & np.asarray(novel, bool)
-    counts = {"n_stable": int(stable.sum()), "n_metastable": int(metastable.sum()),
-              "n_sun": int((un & stable).sum()), "n_msun": int((un & metastable).sum()),
-              "n_vsun": int((un & np.asarray(comp_valid, bool) & metastable).sum())}
+    struct_valid, comp_valid = np.asarray(struct_valid, bool), np.asarray(comp_valid, bool)
+    unique = np.asarray(unique, bool)
+
+    def counted(protocol: SunProtocol) -> int:
+        return int(protocol.flags(e_above_hull, n_elements, struct_valid, comp_valid, novel,
+                                  lambda domain: unique & domain).sum())
+
+    counts = {"n_stable": int(stable.sum()), "n_metastable": int(metastable.sum()), "n_sun": counted(OURS_SUN),
+              "n_msun": counted(OURS_MSUN), "n_vsun": counted(COMPOSABLE_VSUN)}
     rates = dict(zip(names, (counts[k] / n for k in ("n_stable", "n_metastable", "n_sun", "n_msun", "n_vsun"))))
     return rates | counts
+
+
+class SunFlags:
+    """The per-structure facts every S.U.N. protocol combines, each computed once: validity, element counts,
+    novelty of every structure against `reference`, and uniqueness decided among any subset (each subset once)."""
+
+    def __init__(self, structures: Sequence[Structure], reference: Sequence[Structure] | ReferenceIndex,
+                 matcher=None):
+        self.structures = list(structures)
+        n = len(self.structures)
+        self.matcher = matcher
+        self.struct_valid = structural_validity(self.structures) if n else np.zeros(0, dtype=bool)
+        self.comp_valid = compositional_validity(self.structures) if n else np.zeros(0, dtype=bool)
+        self.n_elements = [len(s.composition.elements) for s in self.structures]
+        self._keys = formula_keys(self.structures)
+        self.novel = novel_flags(self.structures, reference, matcher) if n else np.zeros(0, dtype=bool)
+        self._unique: dict[bytes, np.ndarray] = {}
+
+    def unique_among(self, mask: np.ndarray) -> np.ndarray:
+        """Uniqueness of the structures in `mask`, decided among those alone (False outside it)."""
+        mask = np.asarray(mask, bool)
+        if mask.tobytes() not in self._unique:
+            members = np.flatnonzero(mask)
+            flags = np.zeros(len(self.structures), dtype=bool)
+            flags[members] = unique_flags([self.structures[i] for i in members], self.matcher,
+                                          [self._keys[i] for i in members])
+            self._unique[mask.tobytes()] = flags
+        return self._unique[mask.tobytes()]
+
+    def counted(self, protocol: SunProtocol, e_above_hull: Sequence[float]) -> np.ndarray:
+        """Per structure: counted by `protocol` at these energies above hull (eV/atom, NaN: none)."""
+        if len(e_above_hull) != len(self.structures):
+            raise ValueError(f"{len(e_above_hull)} energies above hull for {len(self.structures)} structures")
+        return protocol.flags(e_above_hull, self.n_elements, self.struct_valid, self.comp_valid, self.novel,
+                              self.unique_among)
+
+
+def sun_protocols(flags: SunFlags, e_above_hull: Sequence[float],
+                  protocols: Sequence[SunProtocol] = SUN_PROTOCOLS) -> dict[str, dict]:
+    """Each protocol's count and rate over all n structures, labelled: {name: {label, definition, n, rate}}."""
+    n = len(flags.structures)
+    out = {}
+    for protocol in protocols:
+        count = int(flags.counted(protocol, e_above_hull).sum())
+        out[protocol.name] = {"label": protocol.label, "definition": protocol.describe(), "source": protocol.source,
+                              "n": count, "rate": count / n if n else math.nan}
+    return out
 
 
 # ==================================================================================================================

@@ -447,14 +447,15 @@ def _toy_hull(elements):
         if {el.symbol for el in comp} <= set(elements):
             refs.append({"formula": formula, "energy": energy_per_atom * comp.num_atoms, "natoms": comp.num_atoms,
                          "composition": {el.symbol: a for el, a in comp.items()}, "source": "toy"})
-    hull = {"elements": list(elements), "potential_identity": "toy", "potential": "toy", "references": refs}
-    from wyckoff_lab.widgets.jobs import phase_diagram
+    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+    from pymatgen.core import Composition
 
-    diagram = phase_diagram(hull)
+    from wyckoff_lab.core.hull import diagram_dict, tie_lines
+
+    diagram = PhaseDiagram([PDEntry(Composition(r["composition"]), r["energy"]) for r in refs])
+    hull = {"elements": list(elements), "potential_identity": "toy", "potential": "toy", "references": refs,
+            "diagram": diagram_dict(diagram), "tie_lines": tie_lines(diagram)}  # as jobs.hull_data stores a hull
     for r in refs:
-        from pymatgen.analysis.phase_diagram import PDEntry
-        from pymatgen.core import Composition
-
         entry = PDEntry(Composition(r["composition"]), r["energy"])
         r["formation_energy_per_atom"] = diagram.get_form_energy_per_atom(entry)
         r["e_above_hull"] = diagram.get_e_above_hull(entry)

@@ -16,19 +16,17 @@ from pymatgen.core import Element, Lattice, Structure
 from wyckoff_lab.app.cli import main
 from wyckoff_lab.core import paths
 from wyckoff_lab.core.benchmarks import (
-    HullPlacement,
     KnownStructure,
     count_within,
     first_matches,
-    place_on_hulls,
     sample_structures,
     select_held_out_systems,
-    sun_summary,
 )
 from wyckoff_lab.core.generators import Candidate, Conditions, GenerationResult, Generator
 from wyckoff_lab.core.generators.wyckoff_transformer.model import WyckoffTransformer, WyckoffTransformerConfig
 from wyckoff_lab.core.generators.wyckoff_transformer.train import export
 from wyckoff_lab.core.hull import HullPoint
+from wyckoff_lab.core.pipeline import HullPlacement, place_on_hulls, sun_summary
 from wyckoff_lab.core.relax import RelaxResult
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -246,7 +244,7 @@ def test_sun_summary_counts_like_the_definitions():
     structures = [rocksalt(), cesium_chloride_type(), cesium_chloride_type(), zincblende_type(), copper, colliding]
     # known (not novel) | S.U.N. | duplicate | metastable only | one element | invalid, relaxation failed
     e_above_hull = [-0.01, 0.0, 0.0, 0.05, -0.1, math.nan]
-    summary = sun_summary(structures, e_above_hull, [rocksalt()])
+    summary = sun_summary(structures, e_above_hull, [rocksalt()]).as_dict()
     assert summary["n"] == 6 and summary["n_struct_valid"] == 5
     assert summary["n_unique"] == 4 and summary["n_novel"] == 3
     assert summary["n_sun"] == 1 and summary["sun_rate"] == pytest.approx(1 / 6)
@@ -256,7 +254,7 @@ def test_sun_summary_counts_like_the_definitions():
     # Matra-Genoa's thresholds: the CsCl type at 0.0 counts below 0.001, the zincblende type at 0.05 only below 0.1
     assert summary["n_sun_within_ev"] == {"0.001": 1, "0.05": 1, "0.1": 2}
     assert summary["e_above_hull_quantiles"]["0.5"] == 0.0
-    empty = sun_summary([], [], [rocksalt()])
+    empty = sun_summary([], [], [rocksalt()]).as_dict()
     assert empty["n"] == 0 and empty["n_sun"] is None and math.isnan(empty["e_above_hull_mean"])
 
 
@@ -295,7 +293,7 @@ def test_hull_placement_counts_every_failure():
     assert placement.e_above_hull[:2] == [0.02, 0.02]  # an unconverged relaxation still gives an upper bound
     assert math.isnan(placement.e_above_hull[2]) and math.isnan(placement.e_above_hull[3])
     assert placement.n_hull_failed == 1 and placement.failures == {"Cu": "no usable elemental reference for Cu"}
-    assert sorted(placement.systems) == [("Cl", "Na"), ("Cu",)] and placement.seconds(FakeBook()) == 2.5
+    assert sorted(placement.systems) == [("Cl", "Na"), ("Cu",)] and placement.hull_s == 2.5
 
 
 class FlakyGenerator(Generator):

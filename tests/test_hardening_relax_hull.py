@@ -19,7 +19,7 @@ from pymatgen.core import Lattice, Structure
 from wyckoff_lab.app.cli import main
 from wyckoff_lab.core import datasets, paths
 from wyckoff_lab.core import relax as relax_mod
-from wyckoff_lab.core.hull import USABLE_STATUSES, HullReference
+from wyckoff_lab.core.hull import HULL_CACHE_VERSION, USABLE_STATUSES, HullReference
 from wyckoff_lab.core.relax import STATUSES, PotentialError, load_potential, relax
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -173,11 +173,16 @@ def test_corrupt_hull_cache_entries_are_rebuilt_with_a_warning(al_rh, caplog):
     first = HullReference.build(ELEMENTS, potential="chgnet", max_steps=STEPS)
     (path,) = hull_entries(cache)
     good = json.loads(path.read_text())
-    assert good["format_version"] == 2 and len(good["references"]) == 3
+    assert good["format_version"] == HULL_CACHE_VERSION and len(good["references"]) == 3
     bad_row = good["references"][0] | {"energy": "-7.0"}
+    other_energy = good["references"][0] | {"energy": good["references"][0]["energy"] - 1.0}  # not the diagram's
     corruptions = ["[]", "null", "{", json.dumps(good | {"references": [bad_row] + good["references"][1:]}),
                    json.dumps(good | {"references": []}), json.dumps(good | {"references": [None]}),
-                   json.dumps(good | {"references": [good["references"][0] | {"status": "error"}]})]
+                   json.dumps(good | {"references": [good["references"][0] | {"status": "error"}]}),
+                   json.dumps(good | {"references": [other_energy] + good["references"][1:]}),
+                   json.dumps(good | {"references": good["references"][1:]}),
+                   json.dumps({k: v for k, v in good.items() if k != "diagram"}),
+                   json.dumps(good | {"diagram": "a phase diagram"}), json.dumps(good | {"diagram": {}})]
     for corrupt in corruptions:
         path.write_text(corrupt)
         caplog.clear()
@@ -186,8 +191,9 @@ def test_corrupt_hull_cache_entries_are_rebuilt_with_a_warning(al_rh, caplog):
         assert not again.from_cache and warned(caplog, str(path)), corrupt
         assert [r.energy for r in again.references] == pytest.approx([r.energy for r in first.references])
         assert HullReference.build(ELEMENTS, potential="chgnet", max_steps=STEPS).from_cache  # rewritten
-    path.write_text(json.dumps(good | {"format_version": 1}))
-    assert not HullReference.build(ELEMENTS, potential="chgnet", max_steps=STEPS).from_cache
+    for older in (1, 2):  # version 2 had no diagram: read as a miss, rebuilt from the relaxation cache
+        path.write_text(json.dumps(good | {"format_version": older}))
+        assert not HullReference.build(ELEMENTS, potential="chgnet", max_steps=STEPS).from_cache
 
 
 def test_corrupt_reference_stats_cache_entries_are_recomputed_with_a_warning(al_rh, caplog):
@@ -209,7 +215,7 @@ def test_corrupt_reference_stats_cache_entries_are_recomputed_with_a_warning(al_
             _, again = load_reference("mp_20", "test", 0.1, False)
         assert again.spacegroups == stats.spacegroups and again.densities == pytest.approx(stats.densities)
         assert warned(caplog, str(path)), corrupt
-        assert json.loads(gzip.decompress(path.read_bytes()))["format_version"] == 1  # rewritten
+        assert json.loads(gzip.decompress(path.read_bytes()))["format_version"] == datasets.REFERENCE_STATS_VERSION
 
 
 def test_corrupt_dataset_caches_are_rebuilt(al_rh, al_rh_rows, tmp_path, caplog):

@@ -13,7 +13,7 @@ from pymatgen.core import Structure
 
 from wyckoff_lab.app.cli import main
 from wyckoff_lab.core import datasets
-from wyckoff_lab.core.hull import HullReference, InconsistentEnergiesError, elemental_structure
+from wyckoff_lab.core.hull import HULL_CACHE_VERSION, HullReference, InconsistentEnergiesError, elemental_structure
 from wyckoff_lab.core.relax import relax
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -113,11 +113,42 @@ def test_off_stoichiometry_candidate_decomposes_into_neighbours(hull):
     assert sum(point.decomposition.values()) == pytest.approx(1.0)
 
 
-def test_hull_references_are_cached(hull, small_mp20):
+def test_hull_references_are_cached(hull, small_mp20, hull_cache_dir):
     t0 = time.perf_counter()
     again = HullReference.build(ELEMENTS, potential="chgnet", max_references=1, max_steps=200)
     assert again.from_cache and again.relax_time_s == 0.0 and time.perf_counter() - t0 < 5
     assert len(again.references) == 3
+    # The entry holds pymatgen's own PhaseDiagram.as_dict(), read back as the same hull.
+    (entry,) = (hull_cache_dir / "hull").glob("Al-Rh_*.json")
+    data = json.loads(entry.read_text())
+    assert data["format_version"] == HULL_CACHE_VERSION and data["diagram"]["@class"] == "PhaseDiagram"
+    fresh = {r.source: (r.e_above_hull, r.on_hull) for r in hull.references}
+    assert {r.source: (r.e_above_hull, r.on_hull) for r in again.references} == fresh
+    alrh = next(r for r in hull.references if r.formula == "AlRh")
+    probe = relax(strained_and_rattled(alrh.structure), hull.potential, max_steps=0)[0]
+    assert again.e_above_hull([probe])[0].e_above_hull == hull.e_above_hull([probe])[0].e_above_hull
+
+
+def test_a_stored_hull_is_drawn_and_used_without_computing_it_again(hull, monkeypatch):
+    """The app keeps the hull as data once (jobs.hull_data); redraws and placements never build a convex hull."""
+    from pymatgen.analysis.phase_diagram import PhaseDiagram
+    from pymatgen.core import Composition
+
+    from wyckoff_lab.widgets.hull import hull_figure
+    from wyckoff_lab.widgets.jobs import hull_data, place_on_hull
+
+    data = hull_data(hull)
+
+    def no_new_hull(self, *args, **kwargs):
+        raise AssertionError("a convex hull was computed again")
+
+    monkeypatch.setattr(PhaseDiagram, "_compute", no_new_hull)
+    placed = place_on_hull(data, Composition("AlRh"), hull.references[0].energy_per_atom + 0.1,
+                           hull.settings.potential_identity)
+    assert placed["e_above_hull"] > 0 and placed["decomposition"]
+    figure = hull_figure(data, [{"id": "c001", "label": 1, "formula": "AlRh", "sg_label": "Pm-3m (221)", **placed}])
+    assert any(trace.name == "candidates" for trace in figure.data)
+    assert len(data["tie_lines"]) == 2  # Al–AlRh and AlRh–Rh
 
 
 class ConstantCalculator(Calculator):

@@ -211,6 +211,14 @@ class LabContext:
                     raise
             return self._potential
 
+    def hull_book(self):
+        """A `core.pipeline.HullBook` with the app's potential, dataset and relaxation settings (those of "Relax"
+        and "Relax all"), for one job: a hull built there is cached on disk, so the next job reads it back."""
+        from wyckoff_lab.core.pipeline import HullBook
+
+        s = self.settings
+        return HullBook(self.potential(), s.hull_max_references, s.dataset, s.relax_fmax, s.relax_max_steps)
+
     def potential_label(self) -> str:
         try:
             return self.potential().name

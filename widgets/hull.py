@@ -3,8 +3,6 @@ candidates placed on it, and their e_above_hull histogram. Clicking a candidate 
 
 from __future__ import annotations
 
-import itertools
-
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html, no_update
 from pymatgen.core import Composition
@@ -16,7 +14,6 @@ from wyckoff_lab.widgets.jobs import (
     cancel_check,
     hull_for_session,
     hull_message,
-    phase_diagram,
     unexpected,
 )
 from wyckoff_lab.widgets.state import revision
@@ -34,17 +31,6 @@ def _fractions(composition: dict | Composition, elements: list[str]) -> list[flo
 
 def _candidate_points(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("e_above_hull") is not None and r.get("formation_energy_per_atom") is not None]
-
-
-def _stable_edges(hull: dict) -> list[tuple[dict, dict]]:
-    """Pairs of stable reference phases joined by a hull facet (tie lines), as composition dicts."""
-    diagram = phase_diagram(hull)
-    edges = set()
-    for facet in diagram.facets:
-        for i, j in itertools.combinations(facet, 2):
-            edges.add((min(i, j), max(i, j)))
-    entries = diagram.qhull_entries
-    return [(entries[i].composition.as_dict(), entries[j].composition.as_dict()) for i, j in sorted(edges)]
 
 
 def _reference_hover(r: dict) -> str:
@@ -106,7 +92,7 @@ def hull_figure(hull: dict | None, records: list[dict]) -> go.Figure:
             fr = [_fractions(c, elements) for c in comps]
             return {"a": [f[0] for f in fr], "b": [f[1] for f in fr], "c": [f[2] for f in fr]}
 
-        for a, b in _stable_edges(hull):
+        for a, b in hull["tie_lines"]:  # found once, when the hull was built (jobs.hull_data)
             figure.add_trace(go.Scatterternary(**tern([a, b]), mode="lines", line={"color": "black", "width": 1},
                                                hoverinfo="skip", showlegend=False))
         figure.add_trace(go.Scatterternary(**tern([r["composition"] for r in stable]), mode="markers+text",

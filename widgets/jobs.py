@@ -377,7 +377,7 @@ def relax_all(context: LabContext, session: str, progress: Progress = _no_progre
     Once `cancelled()` is True it stops before the next batch (a batch that finishes later is not stored): the
     batches stored before stay, and JobCancelled says how many that is.
     """
-    from wyckoff_lab.core.relax import relax
+    from wyckoff_lab.core.pipeline import relax_candidates
 
     records = context.sessions.candidates(session)
     if not records:
@@ -400,8 +400,10 @@ def relax_all(context: LabContext, session: str, progress: Progress = _no_progre
                  f"with {potential.name}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            results = relax([Structure.from_dict(r["structure"]) for r in chunk], potential,
-                            fmax=settings.relax_fmax, max_steps=settings.relax_max_steps)
+            # The cell as generated, not the primitive one: the record keeps its atom count, and the 3D view and
+            # the export show the relaxed form of the cell the user saw.
+            results = relax_candidates([Structure.from_dict(r["structure"]) for r in chunk], potential,
+                                       settings.relax_fmax, settings.relax_max_steps, primitive=False).results
         changed = context.sessions.update_candidates(
             session, {r["id"]: _relax_fields(res) for r, res in zip(chunk, results)}, batch=batch, unless=cancelled)
         if not changed:
@@ -429,8 +431,11 @@ def session_elements(records: list[dict]) -> list[str]:
 
 
 def hull_data(hull) -> dict:
-    """A HullReference as plain data the session can keep: elements, potential identity and the reference entries
-    (formula, total energy, atoms, formation energy, e_above_hull, source, relaxed structure)."""
+    """A HullReference as plain data the session keeps, everything a redraw needs computed here once: elements,
+    potential identity, the reference entries (formula, total energy, atoms, formation energy, e_above_hull,
+    source, relaxed structure), the tie lines, and the diagram itself as pymatgen's `PhaseDiagram.as_dict()`."""
+    from wyckoff_lab.core.hull import diagram_dict, place_entry, tie_lines
+
     diagram = hull.diagram
     references = []
     for ref in hull.references:
@@ -440,29 +445,22 @@ def hull_data(hull) -> dict:
         references.append({
             "formula": comp.reduced_formula, "energy": ref.energy, "natoms": int(comp.num_atoms),
             "composition": {el.symbol: float(a) for el, a in comp.items()},
-            "formation_energy_per_atom": float(diagram.get_form_energy_per_atom(_entry(comp, ref.energy))),
+            "formation_energy_per_atom": place_entry(diagram, comp, ref.energy).formation_energy_per_atom,
             "e_above_hull": ref.e_above_hull, "on_hull": ref.on_hull, "source": ref.source,
             "structure": ref.structure.as_dict(),  # relaxed: clicking the phase on the hull shows it
         })
     return {"elements": list(hull.elements), "potential_identity": hull.settings.potential_identity,
-            "potential": hull.potential.name, "references": references}
-
-
-def _entry(comp, energy):
-    from pymatgen.analysis.phase_diagram import PDEntry
-
-    return PDEntry(comp, energy)
+            "potential": hull.potential.name, "references": references, "tie_lines": tie_lines(diagram),
+            "diagram": diagram_dict(diagram)}
 
 
 def phase_diagram(hull: dict):
-    """The pymatgen PhaseDiagram of stored hull data."""
+    """The pymatgen PhaseDiagram of stored hull data, read back with `PhaseDiagram.from_dict` (no new hull)."""
     from pymatgen.analysis.phase_diagram import PhaseDiagram
-    from pymatgen.core import Element
 
-    entries = [_entry(Composition(r["composition"]), r["energy"]) for r in hull["references"]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return PhaseDiagram(entries, elements=[Element(e) for e in hull["elements"]])
+        return PhaseDiagram.from_dict(hull["diagram"])
 
 
 def place_on_hull(hull: dict, composition: Composition, energy_per_atom: float, potential_identity: str,
@@ -473,12 +471,12 @@ def place_on_hull(hull: dict, composition: Composition, energy_per_atom: float, 
         return {}
     if not {el.symbol for el in composition} <= set(hull["elements"]):
         return {}
-    diagram = diagram or phase_diagram(hull)
-    entry = _entry(composition, energy_per_atom * composition.num_atoms)
-    decomposition, e_hull = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
-    return {"e_above_hull": round(float(e_hull), 5),
-            "formation_energy_per_atom": float(diagram.get_form_energy_per_atom(entry)),
-            "decomposition": {e.composition.reduced_formula: round(float(f), 4) for e, f in decomposition.items()}}
+    from wyckoff_lab.core.hull import place_entry
+
+    placed = place_entry(diagram or phase_diagram(hull), composition, energy_per_atom * composition.num_atoms)
+    return {"e_above_hull": round(placed.e_above_hull, 5),
+            "formation_energy_per_atom": placed.formation_energy_per_atom,
+            "decomposition": {formula: round(f, 4) for formula, f in placed.decomposition.items()}}
 
 
 def hull_for_session(context: LabContext, session: str, progress: Progress = _no_progress,
@@ -489,8 +487,6 @@ def hull_for_session(context: LabContext, session: str, progress: Progress = _no
     Once `cancelled()` is True nothing more is stored (JobCancelled); reference relaxations already finished stay
     in the relaxation cache, so the next build resumes from them.
     """
-    from wyckoff_lab.core.hull import HullReference
-
     records = context.sessions.candidates(session)
     if not records:
         raise JobError("Generate candidates first")
@@ -508,13 +504,11 @@ def hull_for_session(context: LabContext, session: str, progress: Progress = _no
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hull = HullReference.build(elements, potential, dataset=context.settings.dataset,
-                                       max_references=context.settings.hull_max_references,
-                                       fmax=context.settings.relax_fmax, max_steps=context.settings.relax_max_steps)
+            hull = context.hull_book().get(elements)
     except Exception as exc:  # no data offline, failed elemental references: the message says which
         raise JobError(f"Cannot build the {'-'.join(elements)} hull: {exc}") from None
     data = hull_data(hull)
-    diagram = phase_diagram(data)
+    diagram = hull.diagram
     updates = {}
     for record in records:
         if record.get("relax_status") in USABLE and record.get("energy") is not None:

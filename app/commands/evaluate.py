@@ -154,47 +154,25 @@ def load_reference(name: str, split: str, symprec: float, progress: bool):
 
 def relax_and_hull(structures: list, potential, hull_dataset: str = "mp_20", device: str | None = None,
                    progress: bool = False) -> tuple[list, list[float], dict]:
-    """Relax every structure, then place it on the ML hull of its chemical system (`core.hull.HullReference`).
+    """Relax every structure and place it on the ML hull of its chemical system (`core.pipeline`: primitive cells,
+    the hull references' settings, one hull per system from `hull_dataset` phases, cached by the hull module).
 
     Returns the relaxed structures (the input one where relaxation failed), E_hull per structure in eV/atom (NaN
-    where relaxation or the hull failed) and a JSON-able summary. One hull is built per chemical system, from
-    `hull_dataset` phases relaxed with the same potential and settings (cached by the hull module).
+    where relaxation or the hull failed) and a JSON-able summary.
     """
-    from collections import Counter, defaultdict
-
-    from tqdm import tqdm
-
-    from wyckoff_lab.core.hull import USABLE_STATUSES, HullReference
-    from wyckoff_lab.core.paths import DataUnavailableError
-    from wyckoff_lab.core.relax import PotentialError, relax, resolve_potential
+    from wyckoff_lab.core.pipeline import HullBook, relax_and_place
+    from wyckoff_lab.core.relax import PotentialError, resolve_potential
 
     try:
-        pot = resolve_potential(potential, device)
-        results = relax(structures, pot)
+        book = HullBook(resolve_potential(potential, device), dataset=hull_dataset)
+        placed = relax_and_place(structures, book, progress)
     except PotentialError as exc:
         raise CommandError(str(exc)) from None
-    usable = [r.status in USABLE_STATUSES for r in results]
-    by_system: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for i, (result, ok) in enumerate(zip(results, usable)):
-        if ok:
-            by_system[tuple(sorted(el.symbol for el in result.final.composition.elements))].append(i)
-    e_above_hull = [math.nan] * len(results)
-    hull_failures = {}
-    for elements, members in tqdm(by_system.items(), desc="hulls", unit="chemsys", disable=not progress):
-        try:
-            hull = HullReference.build(elements, pot, dataset=hull_dataset)
-            points = hull.e_above_hull([results[i] for i in members])
-        except (ValueError, DataUnavailableError, PotentialError) as exc:  # one system failing spares the others
-            hull_failures["-".join(elements)] = str(exc)
-            continue
-        for i, point in zip(members, points):
-            e_above_hull[i] = math.nan if point.e_above_hull is None else float(point.e_above_hull)
-    summary = {"relax_potential": pot.name, "relax_status": dict(Counter(r.status for r in results)),
-               "hull_dataset": hull_dataset, "n_hull_systems": len(by_system),
-               "n_e_above_hull": sum(math.isfinite(e) for e in e_above_hull),
-               "hull_failures": dict(list(hull_failures.items())[:MAX_LISTED_FAILURES])}
-    relaxed = [r.final if ok else r.initial for r, ok in zip(results, usable)]
-    return relaxed, e_above_hull, summary
+    summary = {"relax_potential": book.potential.name, "relax_status": placed.relaxation.as_dict()["relax_status"],
+               "hull_dataset": hull_dataset, "n_hull_systems": len(placed.placement.systems),
+               "n_e_above_hull": sum(math.isfinite(e) for e in placed.e_above_hull),
+               "hull_failures": dict(list(placed.placement.failures.items())[:MAX_LISTED_FAILURES])}
+    return placed.structures, placed.e_above_hull, summary
 
 
 # -- command -------------------------------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 # Bump when the parsed content or the cache layout changes: older cache files are then rebuilt.
 CACHE_VERSION = 1
-# Likewise for the symmetry / size statistics of a reference set (1: entries carry this version).
-REFERENCE_STATS_VERSION = 1
+# Likewise for the symmetry / size statistics of a reference set (1: entries carry this version; 2: `num_atoms`
+# counts each primitive cell's atoms, as the papers' Wasserstein distance compares them).
+REFERENCE_STATS_VERSION = 2
 # Tolerance (Å) for space groups the CSV lacks; MP-20's own rebuilt rows were labelled with the same value.
 SPACEGROUP_SYMPREC = 0.1
 # A worker process is only worth starting for at least this many CIFs or hull patches.
@@ -443,12 +444,13 @@ def _read_cache(path: Path, name: str, split: str) -> CrystalDataset | None:
 
 
 def reference_stats(dataset: CrystalDataset, symprec: float, progress: bool = False):
-    """The metrics' ReferenceStats (symmetry, sizes, densities) of a dataset, cached per content and symprec.
+    """The metrics' ReferenceStats (symmetry, primitive-cell sizes, densities) of a dataset, cached per content
+    and symprec.
 
     Symmetry of ~27k reference crystals takes minutes, so it is kept, keyed by the structures' exact content; an
     entry that does not read back as ReferenceStats of this dataset is recomputed with a warning.
     """
-    from wyckoff_lab.core.metrics import ReferenceStats, SymmetryInfo, analyze_symmetry
+    from wyckoff_lab.core.metrics import ReferenceStats, SymmetryInfo, analyze_symmetry, primitive_num_atoms
     from wyckoff_lab.core.symmetry import check_tolerance
 
     symprec = check_tolerance(symprec)
@@ -478,7 +480,8 @@ def reference_stats(dataset: CrystalDataset, symprec: float, progress: bool = Fa
     if stats is None:
         structures = dataset.structures
         infos = analyze_symmetry(structures, symprec, progress=progress)
-        stats = ReferenceStats(infos, [len(s) for s in structures], [float(s.density) for s in structures], symprec)
+        stats = ReferenceStats(infos, primitive_num_atoms(structures), [float(s.density) for s in structures],
+                               symprec)
         write_cache_entry(path, REFERENCE_STATS_VERSION, stats.as_dict())
     return stats
 

@@ -12,18 +12,27 @@ from dataclasses import dataclass, field
 import numpy as np
 from pymatgen.core import Composition, Structure
 
+from wyckoff_lab.core.defaults import BOND_MIN_DISTANCE_A, PYMATGEN_SYMPREC, STRUCTURAL_MIN_DISTANCE_A, SYMPREC
+from wyckoff_lab.core.structures import primitive_cell
 from wyckoff_lab.core.symmetry import check_tolerance, detected_spacegroup, quiet_spglib
 
-# --- thresholds, each from the seed that defines it ---------------------------------------------------------------
-STRUCT_MIN_DISTANCE = 0.5  # Å; structural validity (CDVAE protocol as restated by SymADiT / composable-crystals)
+# --- thresholds, each from the seed that defines it (the shared ones live in core.defaults) ----------------------
+STRUCT_MIN_DISTANCE = STRUCTURAL_MIN_DISTANCE_A  # Å; structural validity (CDVAE, as SymADiT / composable-crystals)
 STRUCT_MIN_VOLUME = 0.1  # Å^3; same protocol
-BOND_MIN_DISTANCE = 0.7  # Å; Matra-Genoa's "bond consistency" (no colliding atoms)
-DEFAULT_SYMPREC = 0.1  # Å; the tolerance MP-20's space-group labels were computed with
+BOND_MIN_DISTANCE = BOND_MIN_DISTANCE_A  # Å; Matra-Genoa's "bond consistency" (no colliding atoms)
+DEFAULT_SYMPREC = SYMPREC  # Å; the tolerance MP-20's space-group labels were computed with
 STABLE_THRESHOLD = 0.0  # eV/atom; SymADiT: on or below the hull is stable
 METASTABLE_THRESHOLD = 0.1  # eV/atom; SymADiT metastability, and the stability of composable-crystals' V.S.U.N.
 MIN_STABLE_ELEMENTS = 2  # SymADiT counts only compounds (>= 2 elements) as (meta)stable
 CSP_MATCHER_KWARGS = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}  # DiffCSP-style match rate tolerances
-SMACT_OXIDATION_SET = "smact14"  # the oxidation-state table CDVAE's smact_validity used (smact < 3 default)
+# The StructureMatcher settings uniqueness and novelty are reported under, each with who uses it. `evaluate`'s
+# plain `uniqueness` / `novelty` (and S.U.N.) use the first; every setting also gets `<metric>_<name>` keys.
+MATCHER_SETTINGS = {"pymatgen_tol": {}, "adit_tol": CSP_MATCHER_KWARGS}
+MATCHER_LABELS = {"pymatgen_tol": "pymatgen defaults (ltol 0.2, stol 0.3, angle_tol 5): MatterGen, FlowMM",
+                  "adit_tol": "stol 0.5, angle_tol 10, ltol 0.3: ADiT, SymADiT"}
+# SMACT's 2014 oxidation-state table: Element.oxidation_states in SMACT < 3.0, so what the CDVAE-derived check
+# computes under SMACT 2.6 (ADiT's pin); SMACT >= 3.0 defaults to ICSD24, CDVAE's pin 2.2.1 had older data.
+SMACT_OXIDATION_SET = "smact14"
 
 
 # ==================================================================================================================
@@ -135,8 +144,13 @@ def smact_valid(composition: Composition | str) -> bool:
     True when one element only, when every element is a metal (alloys count as valid), or when some combination of
     the elements' SMACT oxidation states is charge neutral at the composition's reduced stoichiometry and passes
     the Pauling electronegativity test (cations less electronegative than anions). Delegates to
-    `smact.screening.smact_validity` with the 'smact14' oxidation-state table, the one CDVAE's check used; this
-    passes about 89 % of MP-20, matching SymADiT's "approximately 90 %". Cached per reduced composition.
+    `smact.screening.smact_validity` with the 'smact14' oxidation-state table.
+
+    This equals the check of ADiT and SymADiT, which run CDVAE's function under SMACT 2.6 (ADiT's pin), whose
+    default table is smact14: on every MP-20 train formula it gives SMACT 2.6's own `smact_validity` verdict
+    (README). It is not CDVAE's own pin (SMACT 2.2.1, also DiffCSP's and FlowMM's), whose data differ in Zr's
+    Pauling electronegativity (0.33, fixed to 1.33 later) and one Ir state; nor SMACT >= 3.0's default (ICSD24
+    states). It passes about 89 % of MP-20, matching SymADiT's "approximately 90 %". Cached per reduced composition.
     """
     composition = Composition(composition) if isinstance(composition, str) else composition
     return _smact_valid_cached(_reduced_key(composition))
@@ -217,15 +231,38 @@ def p1_rate(spacegroups: Sequence[int | None]) -> float:
     return float(np.mean([sg == 1 for sg in spacegroups])) if len(spacegroups) else math.nan
 
 
+def pymatgen_spacegroups(structures: Sequence[Structure], symprec: float = PYMATGEN_SYMPREC) -> list[int | None]:
+    """Space group of each structure as pymatgen's `SpacegroupAnalyzer` finds it (its default angle tolerance,
+    5°; `symprec` Å, pymatgen's default 0.01): SymADiT's P1 rate is "as determined by PyMatGen". None on failure."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    symprec = check_tolerance(symprec)
+    out: list[int | None] = []
+    with quiet_spglib():
+        for structure in structures:
+            try:
+                out.append(int(SpacegroupAnalyzer(structure, symprec=symprec).get_space_group_number()))
+            except Exception:  # spglib gives up on degenerate cells: a failed detection, counted in the total
+                out.append(None)
+    return out
+
+
 # ==================================================================================================================
 # Uniqueness and novelty (StructureMatcher, prefiltered)
 # ==================================================================================================================
 
 
 def _default_matcher():
+    return structure_matcher("pymatgen_tol")
+
+
+def structure_matcher(setting: str):
+    """A StructureMatcher with one of MATCHER_SETTINGS' tolerances."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    return StructureMatcher()
+    if setting not in MATCHER_SETTINGS:
+        raise ValueError(f"unknown matcher setting {setting!r}; choose one of {', '.join(MATCHER_SETTINGS)}")
+    return StructureMatcher(**MATCHER_SETTINGS[setting])
 
 
 def _reduce_for_matching(structure: Structure, matcher) -> Structure | None:
@@ -298,6 +335,16 @@ class ReferenceIndex:
     def __len__(self) -> int:
         return len(self.structures)
 
+    def with_matcher(self, matcher) -> "ReferenceIndex":
+        """The same reference under other matcher tolerances, sharing the reduced cells already computed: the
+        reduction (Niggli, primitive) does not depend on the tolerances, only on the primitive-cell setting."""
+        if matcher._primitive_cell != self.matcher._primitive_cell:
+            return ReferenceIndex(self.structures, matcher)
+        view = ReferenceIndex.__new__(ReferenceIndex)
+        view.structures, view.matcher, view._by_formula, view._reduced = (self.structures, matcher,
+                                                                          self._by_formula, self._reduced)
+        return view
+
     def _candidate(self, index: int) -> Structure | None:
         if index not in self._reduced:
             self._reduced[index] = _reduce_for_matching(self.structures[index], self.matcher)
@@ -347,7 +394,8 @@ def js_distance(p_counts: Mapping, q_counts: Mapping) -> float:
     return float(jensenshannon(p, q, base=2))
 
 
-def spacegroup_jsd(spacegroups: Sequence[int | None], reference_spacegroups: Sequence[int | None]) -> float:
+def spacegroup_js_distance(spacegroups: Sequence[int | None],
+                           reference_spacegroups: Sequence[int | None]) -> float:
     """JS distance (base 2) between the space-group histograms of the sample and the reference; failures dropped."""
     return js_distance(Counter(sg for sg in spacegroups if sg is not None),
                        Counter(sg for sg in reference_spacegroups if sg is not None))
@@ -362,8 +410,8 @@ def wyckoff_histograms(infos: Iterable[SymmetryInfo]) -> dict[int, Counter]:
     return out
 
 
-def wyckoff_jsd(infos: Sequence[SymmetryInfo],
-                reference_infos: Sequence[SymmetryInfo] | Mapping[int, Counter]) -> float:
+def wyckoff_js_distance(infos: Sequence[SymmetryInfo],
+                        reference_infos: Sequence[SymmetryInfo] | Mapping[int, Counter]) -> float:
     """SymADiT's Wyckoff-position distance: per-space-group JS distances, averaged with sample-count weights.
 
     Within each space group the distribution is over Wyckoff letters, one count per occupied orbit (a letter names
@@ -385,6 +433,38 @@ def wyckoff_jsd(infos: Sequence[SymmetryInfo],
     return score / total
 
 
+# The short names the metrics had before their outputs were labelled as distances.
+spacegroup_jsd, wyckoff_jsd = spacegroup_js_distance, wyckoff_js_distance
+JS_FLOOR_DRAWS = 100  # n-samples per floor estimate: the floor's standard error is then ~1e-3 at n = 1,000
+
+
+def js_distance_floor(reference_symmetry: Sequence[SymmetryInfo], n: int, draws: int = JS_FLOOR_DRAWS,
+                      seed: int = 0) -> dict:
+    """The JS distances a perfect sampler scores: the mean space-group and Wyckoff JS distance (base 2, as
+    `spacegroup_js_distance` / `wyckoff_js_distance`) between the reference and `draws` samples of `n` structures
+    drawn from it with replacement. A finite sample's histogram is never the reference's, so a generator's JS
+    distance at this n is only as good as how close it comes to this, not to 0.
+
+    Returns {'sg', 'wyckoff'} means, their standard deviations over the draws, n and draws; NaN for n = 0.
+    """
+    infos = [info for info in reference_symmetry if info.spacegroup is not None]
+    if n < 1 or not infos:
+        return {"sg": math.nan, "wyckoff": math.nan, "sg_std": math.nan, "wyckoff_std": math.nan, "n": n,
+                "draws": draws}
+    reference_spacegroups = [info.spacegroup for info in infos]
+    reference_wyckoff = wyckoff_histograms(infos)
+    rng = np.random.default_rng(seed)
+    sg, wyckoff = [], []
+    for _ in range(draws):
+        sample = [infos[i] for i in rng.integers(len(infos), size=n)]
+        sg.append(spacegroup_js_distance([info.spacegroup for info in sample], reference_spacegroups))
+        wyckoff.append(wyckoff_js_distance(sample, reference_wyckoff))
+    wyckoff = [w for w in wyckoff if not math.isnan(w)]  # NaN: no drawn structure had Wyckoff letters
+    return {"sg": float(np.mean(sg)), "wyckoff": float(np.mean(wyckoff)) if wyckoff else math.nan,
+            "sg_std": float(np.std(sg)), "wyckoff_std": float(np.std(wyckoff)) if wyckoff else math.nan, "n": n,
+            "draws": draws}
+
+
 def wasserstein(values: Sequence[float], reference_values: Sequence[float]) -> float:
     """1-D Wasserstein (earth mover's) distance between two samples, in the values' unit."""
     from scipy.stats import wasserstein_distance
@@ -394,10 +474,19 @@ def wasserstein(values: Sequence[float], reference_values: Sequence[float]) -> f
     return float(wasserstein_distance(values, reference_values))
 
 
+def primitive_num_atoms(structures: Sequence[Structure]) -> list[int]:
+    """Atoms in each structure's primitive cell (`structures.primitive_cell`): a centred conventional cell counts
+    its atoms once, not 2, 3 or 4 times."""
+    return [len(primitive_cell(s)) for s in structures]
+
+
 def num_atoms_wasserstein(structures: Sequence[Structure], reference: Sequence[Structure] | Sequence[int]) -> float:
-    """Wasserstein distance (atoms) between the atoms-per-cell distributions (cells as given)."""
-    ref = [len(s) if isinstance(s, Structure) else int(s) for s in reference]
-    return wasserstein([len(s) for s in structures], ref)
+    """Wasserstein distance (atoms) between the atoms-per-primitive-cell distributions, as the papers compare them
+    (a generator writing conventional cells would otherwise be charged for the centring). `reference` is
+    structures or their primitive atom counts (`ReferenceStats.num_atoms`)."""
+    ref = [int(s) for s in reference] if len(reference) and not isinstance(reference[0], Structure) else \
+        primitive_num_atoms(reference)
+    return wasserstein(primitive_num_atoms(structures), ref)
 
 
 def density_wasserstein(structures: Sequence[Structure], reference: Sequence[Structure] | Sequence[float]) -> float:
@@ -585,7 +674,8 @@ def match_rate_and_rmsd(candidates: Sequence[Sequence[Structure]], targets: Sequ
     any of them matches, and its RMSD is the smallest normalized RMS displacement (divided by (V/n)^(1/3), as
     StructureMatcher reports it) among its matches. Returns match_rate (fraction of targets), rmsd (mean over
     matched targets, None if none), n_targets, n_matched, k and the per-target best RMSDs (None when unmatched).
-    With `valid_only`, structurally invalid candidates never match (the DiffCSP convention; the seeds don't say).
+    With `valid_only`, only valid candidates can match: structurally valid and SMACT-valid, as CDVAE's and
+    DiffCSP's evaluation code filter them (`is_valid` = structure and composition) before matching.
     """
     if len(candidates) != len(targets):
         raise ValueError(f"{len(candidates)} candidate lists for {len(targets)} targets")
@@ -594,7 +684,7 @@ def match_rate_and_rmsd(candidates: Sequence[Sequence[Structure]], targets: Sequ
     for target, options in zip(targets, candidates):
         rms_values = []
         for candidate in list(options)[:k]:
-            if valid_only and not structural_validity([candidate])[0]:
+            if valid_only and not (structural_validity([candidate])[0] and smact_valid(candidate.composition)):
                 continue
             try:
                 result = matcher.get_rms_dist(candidate, target)
@@ -640,7 +730,8 @@ def top_k_sun_rate(candidates: Sequence[Sequence[Structure]], e_above_hull: Sequ
 
 @dataclass
 class ReferenceStats:
-    """What the distribution metrics need from a reference set; JSON-able so it can be cached."""
+    """What the distribution metrics need from a reference set; JSON-able so it can be cached. `num_atoms` counts
+    each primitive cell's atoms (`primitive_num_atoms`)."""
 
     symmetry: list[SymmetryInfo]
     num_atoms: list[int]
@@ -657,7 +748,7 @@ class ReferenceStats:
 
     @classmethod
     def from_structures(cls, structures: Sequence[Structure], symprec: float = DEFAULT_SYMPREC) -> "ReferenceStats":
-        return cls(analyze_symmetry(structures, symprec), [len(s) for s in structures],
+        return cls(analyze_symmetry(structures, symprec), primitive_num_atoms(structures),
                    [float(s.density) for s in structures], symprec)
 
     def as_dict(self) -> dict:
@@ -668,6 +759,13 @@ class ReferenceStats:
     def from_dict(cls, data: Mapping) -> "ReferenceStats":
         return cls([SymmetryInfo.from_list(x) for x in data["symmetry"]], list(data["num_atoms"]),
                    list(data["densities"]), float(data["symprec"]))
+
+    def js_distance_floor(self, n: int) -> dict:
+        """`js_distance_floor` of this reference at sample size n (seed 0; computed once per n)."""
+        cache = self.__dict__.setdefault("_js_floors", {})
+        if n not in cache:
+            cache[n] = js_distance_floor(self.symmetry, n)
+        return cache[n]
 
 
 def _timed(timings: dict, name: str, func: Callable, *args, **kwargs):
@@ -688,18 +786,28 @@ def _fraction(count: int, total: int) -> float:
 def evaluate(structures: Sequence[Structure], reference: Sequence[Structure] | ReferenceIndex | None = None, *,
              intended_spacegroups: Sequence[int | None] | None = None,
              e_above_hull: Sequence[float] | None = None, symprec: float = DEFAULT_SYMPREC,
-             reference_stats: ReferenceStats | None = None, matcher=None) -> dict:
+             reference_stats: ReferenceStats | None = None, matcher=None, n_attempts: int | None = None) -> dict:
     """Every generation metric of the seeds, as one flat JSON-able dict (NaN where not computable).
 
     Pipeline (SymADiT): structural validity on all n; uniqueness among the structurally valid; novelty of the unique
     valid ones against `reference`; U.N. over the structurally valid; S.U.N.-type rates over all n (needs
     `e_above_hull`, eV/atom, one per structure). Distribution metrics compare the whole sample with the reference
     (`reference_stats` is computed from `reference` when not given). Timings of each stage are `time_<stage>_s`.
+
+    Papers' conventions, labelled in the keys: uniqueness and novelty under every MATCHER_SETTINGS entry
+    (`uniqueness_<setting>`, `novelty_<setting>`, `un_rate_<setting>`; the plain keys are `matcher`'s, pymatgen's
+    defaults unless given); `p1_rate` at `symprec` and `p1_rate_pymatgen` at 0.01 Å with pymatgen's analyser
+    (SymADiT); JS *distances* (base 2) with `*_js_floor`, what a perfect sampler of the reference scores at this
+    n; atoms per cell compared in primitive cells. `n_attempts` is how many structures the generator drew to make
+    these n (a quality gate resamples: the papers score every draw, so a protocol that claims theirs divides by
+    it); it defaults to n (nothing was turned down).
     """
     symprec = check_tolerance(symprec)  # before the validity stage: a bad tolerance fails at once, not after it
     n = len(structures)
+    if n_attempts is not None and n_attempts < n:
+        raise ValueError(f"n_attempts {n_attempts} is fewer than the {n} structures it made")
     timings: dict[str, float] = {}
-    out: dict = {"n": n, "symprec": symprec}
+    out: dict = {"n": n, "n_attempts": n if n_attempts is None else int(n_attempts), "symprec": symprec}
 
     distances = _timed(timings, "validity", min_distances, structures)
     start = time.perf_counter()
@@ -714,7 +822,9 @@ def evaluate(structures: Sequence[Structure], reference: Sequence[Structure] | R
 
     infos = _timed(timings, "symmetry", analyze_symmetry, structures, symprec)
     spacegroups = [info.spacegroup for info in infos]
-    out |= {"n_symmetry_failed": sum(sg is None for sg in spacegroups), "p1_rate": p1_rate(spacegroups)}
+    out |= {"n_symmetry_failed": sum(sg is None for sg in spacegroups), "p1_rate": p1_rate(spacegroups),
+            "pymatgen_symprec": PYMATGEN_SYMPREC,
+            "p1_rate_pymatgen": p1_rate(_timed(timings, "p1_pymatgen", pymatgen_spacegroups, structures))}
     if intended_spacegroups is not None:
         consistent = spacegroup_consistency(spacegroups, intended_spacegroups)
         checked = consistent[~np.isnan(consistent)]
@@ -725,16 +835,34 @@ def evaluate(structures: Sequence[Structure], reference: Sequence[Structure] | R
 
     valid_idx = np.flatnonzero(struct_valid)
     valid_structures = [structures[i] for i in valid_idx]
-    unique = np.zeros(n, dtype=bool)
-    unique[valid_idx] = _timed(timings, "uniqueness", unique_flags, valid_structures, matcher)
-    out |= {"n_unique": int(unique.sum()), "uniqueness": _fraction(unique.sum(), len(valid_idx))}
+    keys = formula_keys(valid_structures)
+    if reference is not None and not isinstance(reference, ReferenceIndex):
+        reference = ReferenceIndex(reference, matcher)
+    by_setting = {}
+    for setting in MATCHER_SETTINGS:
+        setting_matcher = matcher if matcher is not None and setting == "pymatgen_tol" else structure_matcher(setting)
+        unique_s = np.zeros(n, dtype=bool)
+        unique_s[valid_idx] = _timed(timings, f"uniqueness_{setting}", unique_flags, valid_structures,
+                                     setting_matcher, keys)
+        novel_s = np.zeros(n, dtype=bool)
+        if reference is not None:
+            unique_idx = np.flatnonzero(unique_s)
+            index = reference if setting_matcher is reference.matcher else reference.with_matcher(setting_matcher)
+            novel_s[unique_idx] = _timed(timings, f"novelty_{setting}", novel_flags,
+                                         [structures[i] for i in unique_idx], index)
+        by_setting[setting] = unique_s, novel_s
+        out |= {f"n_unique_{setting}": int(unique_s.sum()),
+                f"uniqueness_{setting}": _fraction(unique_s.sum(), len(valid_idx))}
+        known = reference is not None
+        out |= {f"n_novel_{setting}": int(novel_s.sum()) if known else None,
+                f"novelty_{setting}": _fraction(novel_s.sum(), unique_s.sum()) if known else math.nan,
+                f"un_rate_{setting}": _fraction(novel_s.sum(), len(valid_idx)) if known else math.nan}
+    unique, novel = by_setting["pymatgen_tol"]
+    out |= {"matcher": "given" if matcher is not None else MATCHER_LABELS["pymatgen_tol"],
+            "n_unique": int(unique.sum()), "uniqueness": _fraction(unique.sum(), len(valid_idx))}
 
-    novel = np.zeros(n, dtype=bool)
     if reference is not None:
-        unique_idx = np.flatnonzero(unique)
-        novel[unique_idx] = _timed(timings, "novelty", novel_flags, [structures[i] for i in unique_idx],
-                                   reference, matcher)
-        out |= {"n_novel": int(novel.sum()), "novelty": _fraction(novel.sum(), len(unique_idx)),
+        out |= {"n_novel": int(novel.sum()), "novelty": out["novelty_pymatgen_tol"],
                 "un_rate": _fraction(novel.sum(), len(valid_idx))}
         if reference_stats is None:
             ref_structures = reference.structures if isinstance(reference, ReferenceIndex) else reference
@@ -745,14 +873,18 @@ def evaluate(structures: Sequence[Structure], reference: Sequence[Structure] | R
 
     if reference_stats is not None:
         start = time.perf_counter()
+        floor = reference_stats.js_distance_floor(sum(sg is not None for sg in spacegroups))
         out |= {"n_reference": len(reference_stats.num_atoms),
-                "sg_jsd": spacegroup_jsd(spacegroups, reference_stats.spacegroups),
-                "wyckoff_jsd": wyckoff_jsd(infos, reference_stats.wyckoff),
+                "sg_js_distance": spacegroup_js_distance(spacegroups, reference_stats.spacegroups),
+                "sg_js_floor": floor["sg"],
+                "wyckoff_js_distance": wyckoff_js_distance(infos, reference_stats.wyckoff),
+                "wyckoff_js_floor": floor["wyckoff"],
                 "num_atoms_wasserstein": num_atoms_wasserstein(structures, reference_stats.num_atoms),
                 "density_wasserstein": density_wasserstein(structures, reference_stats.densities)}
         timings["time_distributions_s"] = round(time.perf_counter() - start, 3)
     else:
-        out |= {"n_reference": 0, "sg_jsd": math.nan, "wyckoff_jsd": math.nan,
+        out |= {"n_reference": 0, "sg_js_distance": math.nan, "sg_js_floor": math.nan,
+                "wyckoff_js_distance": math.nan, "wyckoff_js_floor": math.nan,
                 "num_atoms_wasserstein": math.nan, "density_wasserstein": math.nan}
 
     n_elements = [len(s.composition.elements) for s in structures]

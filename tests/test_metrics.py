@@ -143,28 +143,33 @@ def test_novelty_against_itself_and_a_disjoint_reference():
 # -- distributions -------------------------------------------------------------------------------------------------
 
 
-def test_jsd_is_zero_against_itself_and_one_for_disjoint_supports():
+def test_js_distance_is_zero_against_itself_and_one_for_disjoint_supports():
     groups = [225, 225, 62, 14, 1]
-    assert M.spacegroup_jsd(groups, groups) == pytest.approx(0.0, abs=1e-12)
-    assert M.spacegroup_jsd([225, 62], [14, 1]) == pytest.approx(1.0)
-    assert 0 < M.spacegroup_jsd([225, 62], [225, 14]) < 1
+    assert M.spacegroup_js_distance(groups, groups) == pytest.approx(0.0, abs=1e-12)
+    assert M.spacegroup_js_distance([225, 62], [14, 1]) == pytest.approx(1.0)
+    # Two equal halves, one group shared: divergence 1/2 (base 2), so the distance is its square root.
+    assert M.spacegroup_js_distance([225, 62], [225, 14]) == pytest.approx(math.sqrt(0.5))
 
 
-def test_wyckoff_jsd_weights_space_groups_by_sample_counts():
+def test_wyckoff_js_distance_weights_space_groups_by_sample_counts():
     info = M.SymmetryInfo
     sample = [info(225, ("a", "b")), info(225, ("a", "b")), info(62, ("c",))]
-    assert M.wyckoff_jsd(sample, sample) == pytest.approx(0.0, abs=1e-12)
+    assert M.wyckoff_js_distance(sample, sample) == pytest.approx(0.0, abs=1e-12)
     # 225 matches the reference exactly, 62 has disjoint letters: (2 * 0 + 1 * 1) / 3.
     reference = [info(225, ("a", "b")), info(62, ("d",))]
-    assert M.wyckoff_jsd(sample, reference) == pytest.approx(1 / 3)
+    assert M.wyckoff_js_distance(sample, reference) == pytest.approx(1 / 3)
     # A space group the reference never uses counts as maximally distant.
-    assert M.wyckoff_jsd([info(12, ("i",))], reference) == 1.0
+    assert M.wyckoff_js_distance([info(12, ("i",))], reference) == 1.0
 
 
-def test_wasserstein_of_atom_counts():
-    sample = [rocksalt(), silicon()]  # 8 atoms each
+def test_wasserstein_of_atom_counts_compares_primitive_cells():
+    sample = [rocksalt(), silicon()]  # F-centred conventional cells of 8 atoms, 2 in the primitive cell
+    assert M.primitive_num_atoms(sample) == [2, 2]
     assert M.num_atoms_wasserstein(sample, sample) == 0.0
-    assert M.num_atoms_wasserstein(sample, [cscl()]) == pytest.approx(6.0)
+    assert M.num_atoms_wasserstein(sample, [cscl()]) == 0.0  # CsCl: 2 atoms, primitive as written
+    assert M.num_atoms_wasserstein(sample, [8, 8]) == pytest.approx(6.0)  # counts are taken as primitive ones
+    doubled = cscl().make_supercell([1, 1, 2], in_place=False)  # a P supercell is reduced too
+    assert M.num_atoms_wasserstein([doubled], [cscl()]) == 0.0
     assert M.density_wasserstein(sample, sample) == 0.0
 
 
@@ -225,10 +230,14 @@ def test_evaluate_returns_strict_json_with_every_metric():
     assert result["novelty"] == pytest.approx(1 / 2)  # of the 2 unique: silicon is in the reference
     assert result["sg_consistency"] == pytest.approx(1 / 2) and result["n_sg_checked"] == 2
     assert result["n_sun"] == 1  # the first rock salt; silicon is an element and not novel
-    for key in ("sg_jsd", "wyckoff_jsd", "num_atoms_wasserstein", "density_wasserstein", "p1_rate", "validity"):
+    for key in ("sg_js_distance", "wyckoff_js_distance", "sg_js_floor", "wyckoff_js_floor", "num_atoms_wasserstein",
+                "density_wasserstein", "p1_rate", "p1_rate_pymatgen", "validity", "uniqueness_adit_tol",
+                "novelty_adit_tol"):
         assert result[key] is not None, key
+    assert result["n_attempts"] == 4  # no gate said otherwise
     no_ref = M.evaluate(sample)
-    assert no_ref["novelty"] is None and no_ref["sg_jsd"] is None and no_ref["sun_rate"] is None
+    assert no_ref["novelty"] is None and no_ref["sg_js_distance"] is None and no_ref["sun_rate"] is None
+    assert no_ref["novelty_adit_tol"] is None and no_ref["uniqueness_adit_tol"] == pytest.approx(2 / 3)
 
 
 # -- command line --------------------------------------------------------------------------------------------------

@@ -22,8 +22,17 @@ WARMUP_STRUCTURES = 2  # generated untimed first, so lazy loading (weights, tabl
 # Bench key -> key of `metrics.evaluate` (novelty against MP-20 train, distances to MP-20 test).
 EVALUATE_KEYS = {"structural_validity": "struct_validity", "bond_consistency": "bond_consistency",
                  "spacegroup_consistency": "sg_consistency", "uniqueness": "uniqueness", "novelty": "novelty",
-                 "p1_rate": "p1_rate", "jsd_spacegroup": "sg_jsd", "jsd_wyckoff": "wyckoff_jsd"}
+                 "p1_rate": "p1_rate", "js_distance_spacegroup": "sg_js_distance",
+                 "js_distance_wyckoff": "wyckoff_js_distance"}
 RATE_KEYS = ("sequence_validity", *EVALUATE_KEYS)  # every per-run value in [0, 1]
+# The papers' conventions beside ours (`metrics.evaluate` documents each): both StructureMatcher settings, P1 as
+# pymatgen finds it at 0.01 Å, atoms per primitive cell, and what a perfect sampler's JS distances would be.
+PROTOCOL_KEYS = {"comp_validity": "comp_validity",
+                 "uniqueness_pymatgen_tol": "uniqueness_pymatgen_tol", "uniqueness_adit_tol": "uniqueness_adit_tol",
+                 "novelty_pymatgen_tol": "novelty_pymatgen_tol", "novelty_adit_tol": "novelty_adit_tol",
+                 "p1_rate_pymatgen": "p1_rate_pymatgen", "num_atoms_wasserstein_primitive": "num_atoms_wasserstein",
+                 "density_wasserstein": "density_wasserstein", "js_floor_spacegroup": "sg_js_floor",
+                 "js_floor_wyckoff": "wyckoff_js_floor"}
 
 
 GENERATORS_HELP = "comma-separated registered generators, or 'all' (default)"
@@ -188,14 +197,17 @@ def bench_generator(generator, n: int, temperature: float, seed: int, train, tes
     bar.close()
     structures = [c.structure for c in result.candidates]
     metrics = evaluate(structures, train, intended_spacegroups=[c.intended_spacegroup for c in result.candidates],
-                       symprec=symprec, reference_stats=test_stats)
+                       symprec=symprec, reference_stats=test_stats, n_attempts=result.attempts)
     # Sequences that decoded into a structure, whether kept or turned down by the generator's quality gate (and
     # sampled again, which the rate per minute pays for).
     decoded = result.attempts - sum(result.failures.values())
     row = {"valid_per_min": round(60 * metrics["n_struct_valid"] / seconds, 1),
            "sequence_validity": round(decoded / result.attempts, 4)}
-    for key, source in EVALUATE_KEYS.items():
+    for key, source in (EVALUATE_KEYS | PROTOCOL_KEYS).items():
         row[key] = None if metrics[source] is None else round(metrics[source], 4)
+    # The fraction of draws the sample keeps: 1 without a gate; below 1, the rates above are of gated samples,
+    # which the papers' protocols (every raw sample scored) do not describe: their rows are the ungated run's.
+    row["kept_per_draw"] = round(len(structures) / result.attempts, 4) if result.attempts else None
     return row | {"structures": len(structures), "attempts": result.attempts, "seconds": round(seconds, 2),
                   "failures": result.failures, "rejected": result.rejected, "ranked_out": result.ranked_out,
                   "rejection_rate": round(sum(result.rejected.values()) / result.attempts, 4)}
@@ -277,8 +289,8 @@ def format_report(report: dict) -> str:
     lines = [f"{machine['cpu']} ({machine['cores']} cores), device {machine['device']}, torch {machine['torch']}, "
              f"Python {machine['python']}; n={report['n']} per run, seed {report['seed']}", ""]
     header = ("generator", "T", "valid/min", "seq.val", "struct", "bonds", "SG cons", "unique", "novel", "P1",
-              "JSD SG", "JSD Wyck")
-    widths = (20, 5, 10) + (8,) * (len(header) - 3)
+              "JS dist SG", "JS dist Wy")
+    widths = (20, 5, 10) + (8,) * (len(header) - 5) + (10, 10)
     lines.append(" ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
     for name, runs in report["generators"].items():
         if "error" in runs:
@@ -288,10 +300,35 @@ def format_report(report: dict) -> str:
             cells = [f"{row['valid_per_min']:.1f}"] + ["n/a" if row[k] is None else f"{row[k]:.3f}" for k in RATE_KEYS]
             lines.append(" ".join([name.ljust(widths[0]), temperature.ljust(widths[1])]
                                   + [c.rjust(w) for c, w in zip(cells, widths[2:])]))
+    lines += ["", *format_protocols(report)]
     baseline = _baseline_name(report["generators"])
     for run, ratio in report.get("ratios_over_baseline", {}).items():
         lines.append(f"valid/min of {run} over {baseline}: {'n/a' if ratio is None else f'{ratio:.2f}x'}")
     return "\n".join(lines)
+
+
+def format_protocols(report: dict) -> list[str]:
+    """The papers' conventions beside ours, one line per run: kept/draw says whether a quality gate resampled (the
+    papers score every raw sample, so their comparison is a run without the gate); uniqueness and novelty under
+    pymatgen's default matcher and ADiT's (stol 0.5, angle_tol 10, ltol 0.3); P1 at the run's symprec (first
+    table) and as pymatgen finds it at 0.01 Å; Wasserstein distances of atoms per primitive cell and density; the
+    JS distances a perfect sampler of MP-20 test would score at this n (the first table's JS distances' floor)."""
+    header = ("generator", "T", "kept/draw", "SMACT", "uniq pmg", "uniq ADiT", "nov pmg", "nov ADiT", "P1 0.01",
+              "W1 atoms", "W1 dens", "JS SG floor", "JS Wy floor")
+    keys = ("kept_per_draw", "comp_validity", "uniqueness_pymatgen_tol", "uniqueness_adit_tol",
+            "novelty_pymatgen_tol", "novelty_adit_tol", "p1_rate_pymatgen", "num_atoms_wasserstein_primitive",
+            "density_wasserstein", "js_floor_spacegroup", "js_floor_wyckoff")
+    widths = (20, 5) + (9,) * (len(header) - 4) + (12, 12)
+    lines = ["papers' conventions:",
+             " ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    for name, runs in report["generators"].items():
+        if "error" in runs:
+            continue
+        for temperature, row in runs.items():
+            cells = ["n/a" if row.get(k) is None else f"{row[k]:.3f}" for k in keys]
+            lines.append(" ".join([name.ljust(widths[0]), temperature.ljust(widths[1])]
+                                  + [c.rjust(w) for c, w in zip(cells, widths[2:])]))
+    return lines
 
 
 # -- bench sun -------------------------------------------------------------------------------------------------------

@@ -88,7 +88,9 @@ def read_inputs(path: Path) -> tuple[list[str], list, list[dict], list[dict]]:
     """Names, structures, per-structure extras and per-file failures ({'file', 'reason'}) of an input path.
 
     A bad file (unreadable, disordered, empty) is counted, named in a warning and skipped (the reader `hull
-    --candidates` shares); only an input with no usable structure at all is an error.
+    --candidates` shares); only an input with no usable structure at all is an error. A folder holding the same
+    structures in several formats (a `sample --out` folder: CIFs, candidates.extxyz, candidates.json) is read in
+    one, candidates.json first; the files set aside come among the failures with a 'copy_of' key.
     """
     from wyckoff_lab.core.structures import STRUCTURE_SUFFIXES, StructureInputError, read_input_files
 
@@ -196,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
     from wyckoff_lab.core.metrics import evaluate
 
     progress = not args.json and sys.stderr.isatty()
-    names, structures, extras, failures = read_inputs(args.input)
+    names, structures, extras, skipped = read_inputs(args.input)
+    failures = [f for f in skipped if "copy_of" not in f]
+    set_aside = [f for f in skipped if "copy_of" in f]
     intended = intended_spacegroups(args, names, extras)
     e_above_hull = None
     if args.e_above_hull_json is not None:
@@ -225,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate(structures, reference, intended_spacegroups=intended, e_above_hull=e_above_hull,
                        symprec=args.symprec, reference_stats=stats)
     result = {"input": str(args.input), "reference": args.reference, "reference_split": args.reference_split,
-              "n_files_failed": len(failures)} | metrics | extra_fields
+              "n_files_failed": len(failures), "n_files_set_aside": len(set_aside),
+              "format_read": set_aside[0]["copy_of"] if set_aside else None} | metrics | extra_fields
     result["failed_files"] = failures[:MAX_LISTED_FAILURES]
     emit(result, args.json, _text(result))
     return 0
@@ -239,19 +244,26 @@ def _text(r: dict) -> str:
         return "n/a" if r.get(key) is None else f"{r[key]:.4f}{unit}"
 
     lines = [f"{r['n']} structures from {r['input']}" + (f" ({r['n_files_failed']} file(s) unreadable)"
-                                                          if r["n_files_failed"] else ""),
+                                                          if r["n_files_failed"] else "")
+             + (f"; read the {r['format_read']} file(s) only, {r['n_files_set_aside']} file(s) of the same "
+                "structures set aside" if r.get("n_files_set_aside") else ""),
              f"structural validity  {pct('struct_validity')}   (min distance >= 0.5 Å, volume >= 0.1 Å^3)",
              f"bond consistency     {pct('bond_consistency')}   (min distance >= 0.7 Å)",
              f"compositional (SMACT){pct('comp_validity'):>10}",
              f"valid (both)         {pct('validity')}",
              f"P1 rate              {pct('p1_rate')}   (symprec {r['symprec']} Å)",
+             f"P1 rate (pymatgen)   {pct('p1_rate_pymatgen')}   (SpacegroupAnalyzer, symprec "
+             f"{r['pymatgen_symprec']} Å: SymADiT's)",
              f"SG consistency       {pct('sg_consistency')}   ({r['n_sg_checked']} with an intended group)",
-             f"uniqueness           {pct('uniqueness')}   (of structurally valid)",
-             f"novelty              {pct('novelty')}   (of unique, vs {r['reference'] or 'no reference'})",
-             f"U.N. rate            {pct('un_rate')}",
-             f"JSD space groups     {num('sg_jsd')}",
-             f"JSD Wyckoff          {num('wyckoff_jsd')}",
-             f"W1 atoms per cell    {num('num_atoms_wasserstein')}",
+             f"uniqueness           {pct('uniqueness_pymatgen_tol')} / {pct('uniqueness_adit_tol')}   (of "
+             "structurally valid; StructureMatcher defaults / stol 0.5, angle_tol 10, ltol 0.3)",
+             f"novelty              {pct('novelty_pymatgen_tol')} / {pct('novelty_adit_tol')}   (of unique, vs "
+             f"{r['reference'] or 'no reference'}; same two matchers)",
+             f"U.N. rate            {pct('un_rate_pymatgen_tol')} / {pct('un_rate_adit_tol')}",
+             f"JS distance SG       {num('sg_js_distance')}   (base 2; a perfect sampler of the reference: "
+             f"{num('sg_js_floor')} at this n)",
+             f"JS distance Wyckoff  {num('wyckoff_js_distance')}   (perfect sampler: {num('wyckoff_js_floor')})",
+             f"W1 atoms per cell    {num('num_atoms_wasserstein')}   (primitive cells)",
              f"W1 density           {num('density_wasserstein', ' g/cm^3')}",
              f"S.U.N. / M.S.U.N.    {pct('sun_rate')} / {pct('msun_rate')}",
              f"V.S.U.N.             {pct('vsun_rate')}"]

@@ -301,7 +301,7 @@ def test_cli_sample_ranking_options_belong_to_the_transformer(shipped_generator,
     assert summary["ranked_out"] == 5
     assert summary["attempts"] == 10 + sum(summary["resampled"].values()) + sum(summary["failures"].values())
     assert main(["sample", "--generator", "pyxtal", "--n", "2", "--oversample", "2"]) != 0
-    assert "no likelihood to rank" in capsys.readouterr().err
+    assert "--oversample is an option of wyckoff-transformer, not pyxtal" in capsys.readouterr().err
     assert main(["sample", "--generator", "pyxtal", "--n", "2", "--top-p", "0.9"]) != 0
     assert "option of wyckoff-transformer" in capsys.readouterr().err
     assert main(["sample", "--n", "2", "--top-p", "1.5"]) != 0

@@ -69,12 +69,6 @@ IMPOSSIBLE = {
 # Contract items a current generator breaks, as (generator, test, case) -> the exact failure. Generator code is
 # not edited from here; each entry is a strict xfail, so a fix shows up as XPASS and the entry must go.
 KNOWN_BREACHES = {
-    ("wyckoff-transformer", "impossible", "formula_beyond_max_atoms"):
-        "not refused: the transformer samples 4 x 5 rounds and reports 20 dead_end failures "
-        "(DecodingPlan checks a formula's size only together with a space group)",
-    ("wyckoff-transformer", "impossible", "template_impossible_in_its_group"):
-        "refused only by 'ValueError: list.remove(x): x not in list', raised inside DecodingState._placeable "
-        "once decoding has begun, which names neither the template nor the doubly pinned 4a",
     ("pyxtal", "inside", "sites_inside_the_cell"):
         "PyXtal's to_pymatgen() keeps the unwrapped orbit coordinates (e.g. NaCl in Fm-3m with fractional "
         "coordinates from -0.88 to 0.93), which PyXtalGenerator passes on as they are",

@@ -107,6 +107,19 @@ class DecodingPlan:
         if len(system) * self.min_count > self.max_atoms:
             raise ValueError(f"impossible conditions: {len(system)} elements need at least "
                              f"{len(system) * self.min_count} atoms, more than max_atoms={self.max_atoms}")
+        if conditions.formula:
+            from pymatgen.core import Composition
+
+            per_unit = int(Composition(conditions.formula).num_atoms)
+            if per_unit > self.max_atoms:
+                raise ValueError(f"impossible conditions: formula {conditions.formula} has {per_unit} atoms per "
+                                 f"formula unit, more than max_atoms={self.max_atoms}")
+        if conditions.spacegroup and conditions.template:
+            from wyckoff_lab.core.templates import template_problems
+
+            problems = template_problems(conditions.spacegroup, conditions.template)
+            if problems:
+                raise ValueError("impossible template: " + "; ".join(problems))
         if conditions.spacegroup:
             factor = SpaceGroupMultiplicities.of(conditions.spacegroup).factor
             if conditions.formula:

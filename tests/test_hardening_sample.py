@@ -181,7 +181,7 @@ def test_ctrl_c_keeps_the_chunks_made_and_a_huge_run_says_how_long(reuse_shipped
 @pytest.mark.parametrize("argv, message", [
     (["--formula", "CaCu5", "--max-atoms", "4"], "CaCu5 has 6 atoms per formula unit, more than --max-atoms 4"),
     (["--elements", "Al,Ca,Cu", "--max-atoms", "2"], "3 elements, more than --max-atoms 2"),
-    (["--elements", "Xx"], "unknown element 'Xx'"),
+    (["--elements", "Xx"], "unknown element Xx in 'Xx'"),
 ])
 def test_infeasible_conditions_are_refused_with_the_reason(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(generators_module, "get_generator", lambda *a, **k: pytest.fail("loaded a generator"))

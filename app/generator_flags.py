@@ -57,14 +57,9 @@ def generator_names(text: str, flag: str = "--generators") -> list[str]:
     if not names:
         raise CommandError(f"{flag} names no generator")
     if ALL in names:
-        return available_generators() + [n for n in names if n != ALL and n not in available_generators()]
+        registered = available_generators()
+        return registered + [n for n in names if n != ALL and n not in registered]
     return list(dict.fromkeys(names))
-
-
-def default_generator() -> str:
-    from wyckoff_lab.core.generators import default_generator_name
-
-    return default_generator_name()
 
 
 def declared_options() -> dict[str, list]:

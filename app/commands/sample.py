@@ -20,7 +20,8 @@ EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT
 
 
 def register(subparsers) -> None:
-    from wyckoff_lab.app.generator_flags import add_generator_flags, default_generator
+    from wyckoff_lab.app.generator_flags import add_generator_flags
+    from wyckoff_lab.core.generators import default_generator_name
 
     parser = subparsers.add_parser(
         "sample", help="generate crystal structures",
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
                     "numpy's SeedSequence(S, spawn_key=(i,)), so the same seed and --n give the same structures.")
     parser.add_argument("--generator", default=None,
                         help="a registered generator (default: the most preferred one, "
-                             f"{default_generator()}); its options below")
+                             f"{default_generator_name()}); its options below")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--elements", default=None, help="chemical system, e.g. Al,Ca,Cu or Al-Ca-Cu")
     parser.add_argument("--formula", default=None)
@@ -78,15 +79,16 @@ def _sample(args) -> int:
     from tqdm import tqdm
 
     from wyckoff_lab.app.cli import CommandError, emit
-    from wyckoff_lab.app.generator_flags import chemical_system, default_generator, generator_kwargs
-    from wyckoff_lab.core.generators import Conditions, describe_failure, generator_class, get_generator
+    from wyckoff_lab.app.generator_flags import chemical_system, generator_kwargs
+    from wyckoff_lab.core.generators import (Conditions, default_generator_name, describe_failure, generator_class,
+                                            get_generator)
 
     if args.n < 1:
         raise CommandError(f"--n must be at least 1, got {args.n}")
     # Checked here, not by argparse, so main() returns 2 with one line: NaN breaks the sampler, inf the JSON.
     if not math.isfinite(args.temperature) or args.temperature <= 0:
         raise CommandError(f"--temperature must be a finite number > 0, got {args.temperature}")
-    args.generator = args.generator or default_generator()
+    args.generator = args.generator or default_generator_name()
     kwargs = generator_kwargs(args.generator, args)  # unknown generator, foreign or bad option: before any work
     conditions = Conditions(
         elements=chemical_system(args.elements) if args.elements else None,

@@ -10,12 +10,8 @@ import pytest
 
 from wyckoff_lab.core.generators import Conditions, UnsupportedConditionError, get_generator
 from wyckoff_lab.core.generators import pyxtal_baseline
-from wyckoff_lab.core.generators.pyxtal_baseline import (
-    PyXtalGenerator,
-    candidate_compositions,
-    needs_charge_balance,
-    oxidation_states,
-)
+from wyckoff_lab.core.compositions import candidate_compositions, needs_charge_balance, oxidation_states
+from wyckoff_lab.core.generators.pyxtal_baseline import PyXtalGenerator
 from wyckoff_lab.core.symmetry import spacegroup
 from wyckoff_lab.core.wyckoff import WyckoffCrystal
 

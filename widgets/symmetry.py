@@ -91,7 +91,7 @@ def template_verdict(elements, formula, number, template, max_atoms) -> Verdict:
         if template:
             return Verdict(False, "Choose the elements of the template in step 1")
         return Verdict(True, f"{group.symbol} ({number}): the generator chooses the chemistry")
-    from wyckoff_lab.core.generators.pyxtal_baseline import candidate_compositions
+    from wyckoff_lab.core.compositions import candidate_compositions
 
     elements = list(elements)
     checked = 0

@@ -68,11 +68,7 @@ IMPOSSIBLE = {
 
 # Contract items a current generator breaks, as (generator, test, case) -> the exact failure. Generator code is
 # not edited from here; each entry is a strict xfail, so a fix shows up as XPASS and the entry must go.
-KNOWN_BREACHES = {
-    ("pyxtal", "inside", "sites_inside_the_cell"):
-        "PyXtal's to_pymatgen() keeps the unwrapped orbit coordinates (e.g. NaCl in Fm-3m with fractional "
-        "coordinates from -0.88 to 0.93), which PyXtalGenerator passes on as they are",
-}
+KNOWN_BREACHES: dict[tuple[str, str, str], str] = {}
 
 
 def _params(test: str, cases_by_generator) -> list:

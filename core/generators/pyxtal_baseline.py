@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from pymatgen.core import Composition, Element
+from pymatgen.core import Composition, Element, Structure
 
 from wyckoff_lab.core.compositions import candidate_compositions, compositions_by_size, oxidation_states
 from wyckoff_lab.core.defaults import MAX_ATOMS
@@ -75,6 +75,15 @@ def _mp20_train_distribution(data_folder: Path) -> tuple[dict[tuple[str, ...], i
     systems = Counter(_by_z(system.split("-")) for system in frame["chemsys"])
     groups = Counter(int(number) for number in frame["spacegroup"])
     return dict(systems), dict(groups)
+
+
+def _wrapped_into_cell(structure: Structure) -> Structure:
+    """The same crystal with every fractional coordinate in [0, 1): pyxtal keeps its orbits' unwrapped coordinates
+    (NaCl in Fm-3m came out with x from -0.88 to 0.93), which CIF readers and viewers treat as other atoms."""
+    frac = structure.frac_coords - np.floor(structure.frac_coords)
+    frac[frac >= 1.0 - 1e-12] = 0.0  # -1e-17 wraps to 1.0 in floating point
+    return Structure(structure.lattice, [site.species for site in structure], frac,
+                     site_properties=structure.site_properties)
 
 
 def _by_z(elements) -> tuple[str, ...]:
@@ -272,7 +281,7 @@ class PyXtalGenerator(Generator):
                                 sites=sites, max_count=self.pyxtal_tries, tm=tolerances, random_state=rng)
         except Exception:  # pyxtal signals "no arrangement found" with assorted exception types
             return "pyxtal_failed"
-        return crystal.to_pymatgen(), number, _wyckoff_dict(crystal, number), z
+        return _wrapped_into_cell(crystal.to_pymatgen()), number, _wyckoff_dict(crystal, number), z
 
     def _check_feasible(self, conditions: Conditions, max_atoms: int) -> None:
         """Refuse up front, with the reason, a fixed chemistry that no attempt could ever satisfy."""

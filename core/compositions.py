@@ -81,3 +81,28 @@ def compositions_by_size(elements: tuple[str, ...], max_atoms: int) -> tuple[tup
     for ratio in candidate_compositions(elements, max_atoms):
         sizes.setdefault(sum(ratio), []).append(ratio)
     return tuple(tuple(sizes[size]) for size in sorted(sizes))
+
+
+def is_charge_balanced(composition) -> bool:
+    """True when one oxidation state per element (`oxidation_states`, SMACT's rule) makes the composition neutral;
+    elements and all-metal compositions (alloys) count as balanced, as in `candidate_compositions`."""
+    from pymatgen.core import Composition
+
+    comp = Composition(composition)
+    counts = dict(comp.get_el_amt_dict())
+    elements = tuple(sorted(counts, key=lambda e: Element(e).Z))
+    if not needs_charge_balance(elements):
+        return True
+    if any(abs(counts[el] - round(counts[el])) > 1e-6 for el in elements):
+        return False  # a fractional (disordered) composition has no integer oxidation-state sum to check
+    return _balances(tuple((oxidation_states(el), int(round(counts[el]))) for el in elements))
+
+
+@functools.lru_cache(maxsize=4096)
+def _balances(states_and_counts: tuple[tuple[tuple[int, ...], int], ...]) -> bool:
+    charges = {0}
+    for states, count in states_and_counts:
+        if not states:
+            return False
+        charges = {c + count * s for c in charges for s in states}
+    return 0 in charges

@@ -47,6 +47,7 @@ REQUESTS = {
     "stability": Conditions(elements=("Na", "Cl"), stability="low"),
     "max_atoms": Conditions(elements=("Al", "Ca", "Cu"), max_atoms=6),
     "properties": Conditions(elements=("Na", "Cl"), properties=(("band_gap", 4.0),)),
+    "charge_balanced": Conditions(elements=("Na", "Cl"), charge_balanced=True),
 }
 # What a condition's request needs from a generator besides the condition itself.
 NEEDS = {name: request.set_names() - {name} for name, request in REQUESTS.items()}
@@ -232,6 +233,10 @@ def test_every_declared_condition_is_honoured(name, condition, loaded):
             check_template(candidate, conditions.spacegroup, conditions.template)
         elif conditions.spacegroup:
             check_spacegroup(candidate, conditions.spacegroup)
+        if conditions.charge_balanced:
+            from wyckoff_lab.core.compositions import is_charge_balanced
+
+            assert is_charge_balanced(composition), composition
         # max_atoms: the primitive-cell limit is checked on every result (generate -> check_result)
     if condition in ("stability", "properties"):
         # Accepted, and not ignored: the same seed with another target gives other structures.

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--template", default=None, help="pinned orbits, e.g. Ca:2a,Cu:4d (needs --spacegroup)")
     parser.add_argument("--stability", choices=["low", "high"], default=None)
     parser.add_argument("--max-atoms", type=int, default=None, help="atoms in the primitive cell")
+    parser.add_argument("--charge-balanced", action="store_true",
+                        help="charge-balanced compositions only (one oxidation state per element sums to zero; "
+                             "alloys count as balanced); what a generator makes unbalanced is sampled again")
     parser.add_argument("--temperature", type=float, default=1.0, help="a finite number > 0 (default 1)")
     parser.add_argument("--seed", type=int, default=None, help="makes the run reproducible (see above)")
     parser.add_argument("--out", default=None,
@@ -82,6 +85,7 @@ def _sample(args) -> int:
     from wyckoff_lab.app.generator_flags import chemical_system, generator_kwargs
     from wyckoff_lab.core.generators import (Conditions, default_generator_name, describe_failure, generator_class,
                                             get_generator)
+    from wyckoff_lab.core.generators.quality import generate_charge_balanced
 
     if args.n < 1:
         raise CommandError(f"--n must be at least 1, got {args.n}")
@@ -93,7 +97,7 @@ def _sample(args) -> int:
     conditions = Conditions(
         elements=chemical_system(args.elements) if args.elements else None,
         formula=args.formula, spacegroup=args.spacegroup, template=parse_template(args.template, args.spacegroup),
-        stability=args.stability, max_atoms=args.max_atoms)
+        stability=args.stability, max_atoms=args.max_atoms, charge_balanced=args.charge_balanced)
     _check_feasible(conditions, generator_class(args.generator).default_max_atoms, args.generator)
     out = _check_out(args.out, args.overwrite) if args.out else None  # before any sampling
     generator = get_generator(args.generator, **kwargs)
@@ -114,7 +118,8 @@ def _sample(args) -> int:
                 bar.n = base + done
                 bar.refresh()
 
-            result = generator.generate(size, conditions, args.temperature, chunk_seed(args.seed, index), progress)
+            result = generate_charge_balanced(generator, size, conditions, args.temperature,
+                                              chunk_seed(args.seed, index), progress)
             with _interrupt_deferred():  # a chunk is written whole or not at all
                 if writer:
                     writer.add(result.candidates)

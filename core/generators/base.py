@@ -12,9 +12,11 @@ from pymatgen.core import Composition, Element, Structure
 from wyckoff_lab.core.symmetry import detected_spacegroup, spacegroup
 
 # Every condition a generator may honour; the app enables exactly the controls a generator declares.
-CONDITION_NAMES = ("elements", "formula", "spacegroup", "template", "stability", "max_atoms", "properties")
+CONDITION_NAMES = ("elements", "formula", "spacegroup", "template", "stability", "max_atoms", "properties",
+                   "charge_balanced")
 STABILITY_VALUES = ("low", "high")  # e_above_hull below / above 0.075 eV/atom (Matra-Genoa)
 STABILITY_THRESHOLD_EV = 0.075
+CHARGE_BALANCE_MAX_ATOMS = 20  # the cell size a charge-balance check assumes when the conditions set no max_atoms
 
 
 class UnsupportedConditionError(ValueError):
@@ -30,6 +32,9 @@ class Conditions:
     spacegroup: ITA number. template: (element, Wyckoff label) orbits that must be present.
     stability: 'low' or 'high' energy above hull. max_atoms: atoms in the primitive cell.
     properties: numeric targets such as {"band_gap": 1.5} (eV) for generators that take them.
+    charge_balanced: only compositions where one oxidation state per element sums to zero (SMACT's rule, as
+    `core.compositions`); elements and all-metal systems (alloys) count as balanced. A generator that declares
+    it makes only such compositions; for any other, `quality.generate_charge_balanced` samples again what is not.
     """
 
     elements: tuple[str, ...] | None = None
@@ -39,6 +44,7 @@ class Conditions:
     stability: str | None = None
     max_atoms: int | None = None
     properties: tuple[tuple[str, float], ...] = ()
+    charge_balanced: bool = False
 
     def __post_init__(self) -> None:
         if self.elements is not None:
@@ -80,6 +86,23 @@ class Conditions:
         if self.max_atoms is not None and int(self.max_atoms) < 1:
             raise ValueError(f"max_atoms must be at least 1, got {self.max_atoms}")
         object.__setattr__(self, "properties", tuple(sorted((str(k), float(v)) for k, v in dict(self.properties).items())))
+        object.__setattr__(self, "charge_balanced", bool(self.charge_balanced))
+        if self.charge_balanced:
+            self._check_charge_balance_possible()
+
+    def _check_charge_balance_possible(self) -> None:
+        """A charge-balanced request no composition can satisfy is refused now, saying why."""
+        from wyckoff_lab.core.compositions import candidate_compositions, is_charge_balanced
+
+        if self.formula is not None:
+            if not is_charge_balanced(Composition(self.formula)):
+                raise ValueError(f"formula {self.formula} is not charge balanced (no oxidation state per element "
+                                 "sums to zero), so charge_balanced cannot hold")
+            return
+        system = self.chemical_system
+        if system is not None and not candidate_compositions(system, self.max_atoms or CHARGE_BALANCE_MAX_ATOMS):
+            raise ValueError(f"no charge-balanced composition of {'-'.join(system)} has at most "
+                             f"{self.max_atoms or CHARGE_BALANCE_MAX_ATOMS} atoms")
 
     @property
     def chemical_system(self) -> tuple[str, ...] | None:
@@ -97,6 +120,8 @@ class Conditions:
         if self.template:
             names.add("template")
         names |= {f"properties.{key}" for key, _ in self.properties}
+        if self.charge_balanced:
+            names.add("charge_balanced")
         return names
 
     def as_dict(self) -> dict:

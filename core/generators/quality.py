@@ -120,3 +120,64 @@ def round_seed(seed: int | None, round_: int) -> int | None:
     if round_ == 0 or seed is None:
         return seed
     return int(np.random.SeedSequence([seed, round_]).generate_state(1)[0])
+
+
+NOT_CHARGE_BALANCED = "not_charge_balanced"  # the rejection reason `generate_charge_balanced` counts
+# A later round asks for the shortfall divided by the share found balanced so far, that share taken as at least
+# this: the transformer's Na-Cl samples in Fm-3m are 1 in 10 balanced, so plain shortfall rounds ended at 14 of 30.
+MIN_BALANCED_SHARE = 0.05
+
+
+def generate_charge_balanced(generator, n: int, conditions, temperature: float = 1.0, seed: int | None = None,
+                             progress: Callable[[int, int], None] | None = None):
+    """`generator.generate(n, conditions, ...)` with `conditions.charge_balanced` honoured for any generator.
+
+    A generator that declares `charge_balanced` in `supported_conditions` makes only balanced compositions and is
+    called as it is. Any other is asked for the same conditions without it, and the shortfall of what is not
+    charge balanced (`compositions.is_charge_balanced`; alloys count as balanced) is sampled again,
+    RESAMPLE_ROUNDS times at most, each round with its own seed (`round_seed`) and asking for the shortfall
+    over the share found balanced so far (balanced ones beyond `n` count as `ranked_out`); unlike the structure
+    gate's last round, an unbalanced sample is never kept, since the user asked for balance outright. Rejections are counted
+    in `rejected` under NOT_CHARGE_BALANCED and in `attempts`.
+    """
+    import dataclasses
+    import math
+
+    from wyckoff_lab.core.compositions import is_charge_balanced
+
+    if not conditions.charge_balanced or "charge_balanced" in generator.supported_conditions:
+        return generator.generate(n, conditions, temperature, seed, progress)
+
+    plain = dataclasses.replace(conditions, charge_balanced=False)
+    merged = None
+    made = 0  # structures the generator returned, balanced or not
+    for round_ in range(RESAMPLE_ROUNDS):
+        have = 0 if merged is None else len(merged.candidates)
+        if have >= n and merged is not None:
+            break
+        share = max(MIN_BALANCED_SHARE, have / made) if made else 1.0
+        wanted = math.ceil((n - have) / share)
+        report = None if progress is None else (lambda done, total, have=have: progress(min(n, have + done), n))
+        result = generator.generate(wanted, plain, temperature, round_seed(seed, round_), report)
+        made += len(result.candidates)
+        balanced = [c for c in result.candidates if is_charge_balanced(c.structure.composition)][:n - have]
+        for candidate in balanced:
+            candidate.conditions = conditions
+        unbalanced = sum(not is_charge_balanced(c.structure.composition) for c in result.candidates)
+        surplus = len(result.candidates) - unbalanced - len(balanced)  # balanced beyond n: made, then left out
+        result.candidates = balanced
+        result.ranked_out += surplus
+        if unbalanced:
+            result.rejected = {**result.rejected, NOT_CHARGE_BALANCED: result.rejected.get(NOT_CHARGE_BALANCED, 0)
+                               + unbalanced}
+        if merged is None:
+            merged = result
+            continue
+        merged.candidates += result.candidates
+        merged.attempts += result.attempts
+        merged.ranked_out += result.ranked_out
+        merged.seconds += result.seconds
+        for mine, theirs in ((merged.failures, result.failures), (merged.rejected, result.rejected)):
+            for key, count in theirs.items():
+                mine[key] = mine.get(key, 0) + count
+    return merged

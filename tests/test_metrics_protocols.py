@@ -214,3 +214,30 @@ def test_bench_generate_prints_the_papers_conventions(monkeypatch, capsys, mp20_
         assert key in row, key
     assert row["js_floor_spacegroup"] > 0 and row["js_floor_wyckoff"] > 0  # 6 draws: far from 0
     assert row["kept_per_draw"] == pytest.approx(row["structures"] / row["attempts"])
+
+
+def test_evaluate_labels_each_papers_sun_protocol_beside_ours(tmp_path, capsys, monkeypatch):
+    """With energies above hull and a reference, `evaluate` reports MatterGen's, FlowMM's and Composable Crystals'
+    counts beside ours, as `bench sun` does: here two stable novel crystals, one stable duplicate, one known."""
+    from wyckoff_lab.app.cli import main
+    from wyckoff_lab.app.commands import evaluate
+
+    known = cscl(1.5)
+    monkeypatch.setattr(evaluate, "load_reference", lambda *args: ([known], None))
+    for name, structure in {"a": rocksalt(), "b": rocksalt(), "c": cscl(), "d": cscl(1.5)}.items():
+        structure.to(filename=str(tmp_path / f"{name}.cif"))
+    e_hull = tmp_path.parent / f"{tmp_path.name}-ehull.json"
+    e_hull.write_text(json.dumps({"a": 0.0, "b": 0.0, "c": -0.01, "d": 0.0}))
+    assert main(["evaluate", "--input", str(tmp_path), "--reference", "mp_20", "--e-above-hull-json",
+                 str(e_hull), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    protocols = result["sun_protocols"]
+    assert set(protocols) == {p.name for p in M.SUN_PROTOCOLS}
+    assert result["n_sun"] == 2 and protocols[M.OURS_SUN.name]["n"] == 2  # ours: rocksalt once, CsCl; not the known
+    for protocol in protocols.values():
+        assert protocol["label"] and protocol["definition"] and 0 <= protocol["rate"] <= 1
+    assert main(["evaluate", "--input", str(tmp_path), "--reference", "mp_20", "--e-above-hull-json",
+                 str(e_hull)]) == 0
+    text = capsys.readouterr().out
+    for protocol in protocols.values():
+        assert f"  {protocol['label']}" in text and f"({protocol['n']} of 4;" in text

@@ -193,6 +193,13 @@ def _energies(names: list[str], values: list) -> list[float]:
     return out
 
 
+def labelled_sun_protocols(structures, e_above_hull, reference) -> dict[str, dict]:
+    """Each paper's S.U.N.-type count beside ours (`metrics.SUN_PROTOCOLS`), as `bench sun` reports them."""
+    from wyckoff_lab.core.metrics import SunFlags, sun_protocols
+
+    return sun_protocols(SunFlags(structures, reference), e_above_hull)
+
+
 def run(args: argparse.Namespace) -> int:
     from wyckoff_lab.core.datasets import DataUnavailableError
     from wyckoff_lab.core.metrics import evaluate
@@ -231,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
     result = {"input": str(args.input), "reference": args.reference, "reference_split": args.reference_split,
               "n_files_failed": len(failures), "n_files_set_aside": len(set_aside),
               "format_read": set_aside[0]["copy_of"] if set_aside else None} | metrics | extra_fields
+    if e_above_hull is not None and reference is not None:
+        result["sun_protocols"] = labelled_sun_protocols(structures, e_above_hull, reference)
     result["failed_files"] = failures[:MAX_LISTED_FAILURES]
     emit(result, args.json, _text(result))
     return 0
@@ -267,6 +276,12 @@ def _text(r: dict) -> str:
              f"W1 density           {num('density_wasserstein', ' g/cm^3')}",
              f"S.U.N. / M.S.U.N.    {pct('sun_rate')} / {pct('msun_rate')}",
              f"V.S.U.N.             {pct('vsun_rate')}"]
+    if r.get("sun_protocols"):
+        lines.append("S.U.N. by protocol (counts over all n):")
+        width = max(len(p["label"]) for p in r["sun_protocols"].values()) + 2
+        for protocol in r["sun_protocols"].values():
+            lines.append(f"  {protocol['label']:<{width}}{100 * protocol['rate']:6.2f} %   ({protocol['n']} of "
+                         f"{r['n']}; {protocol['definition']})")
     if r.get("relax_status"):
         lines.append(f"relaxed with {r['relax_potential']}: {r['relax_status']}; E_hull known for "
                      f"{r['n_e_above_hull']} of {r['n']} ({r['n_hull_systems']} hulls from {r['hull_dataset']})")

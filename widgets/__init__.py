@@ -1,7 +1,7 @@
 """Reusable Dash components of Wyckoff Lab, each usable alone in Jupyter.
 
     from wyckoff_lab.widgets import Explorer, StructureView
-    Explorer(elements=["Al", "Ca", "Cu"])      # the whole app, inline
+    Explorer(elements=["Al", "Ca", "Cu"])      # the whole app, inline (port=..., path_prefix=...: see .jupyter)
     StructureView(structure)                   # one widget on its own
 
 Classes are imported lazily: Crystal Toolkit takes seconds to import, and `wyckoff-lab --help` should not wait.

@@ -25,14 +25,21 @@ TABS = (("candidates", "Candidates"), ("hull", "Hull"), (EMBEDDINGS_TAB, "Embedd
 class Explorer(Widget):
     """The full app. `Explorer(elements=["Al", "Ca", "Cu"])` in Jupyter shows it inline; `wyckoff-lab app` serves it.
 
-    Arguments preset the first steps: elements, formula, max_atoms, spacegroup, template.
+    Arguments preset the first steps: elements, formula, max_atoms, spacegroup, template. In Jupyter, `port` is
+    where its server listens on 127.0.0.1 (None: a free one), `path_prefix` the path the browser reaches it under
+    behind jupyter-server-proxy (None: from the environment, see `wyckoff_lab.widgets.jupyter`), `height` the
+    iframe's height in pixels.
     """
 
     default_prefix = "wl"
 
     def __init__(self, elements=(), formula: str | None = None, max_atoms: int = 20, spacegroup: int | None = None,
-                 template=(), **kwargs):
+                 template=(), port: int | None = None, path_prefix: str | None = None, height: int = 900, **kwargs):
         super().__init__(**kwargs)
+        if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+            raise ValueError(f"port must be an integer in 1..65535, not {port!r}")
+        self.port, self.path_prefix, self.height = port, path_prefix, height
+        self.server = None  # the ThreadedServer once shown
         shared = {"context": self.context, "links": self.links}
         self.chemistry = ChemistryPicker(elements=elements, formula=formula, max_atoms=max_atoms, **shared)
         self.symmetry = SymmetryPanel(spacegroup_number=spacegroup, template=template, **shared)
@@ -49,6 +56,32 @@ class Explorer(Widget):
     @property
     def ct_components(self):
         return [c for child in self.children for c in child.ct_components]
+
+    # -- Jupyter --------------------------------------------------------------------------------------------------
+
+    def show(self, port: int | None = None, height: int | None = None, path_prefix: str | None = None):
+        """Serve the app from a thread on 127.0.0.1 and show it in an iframe: at the proxied path when behind
+        jupyter-server-proxy (JupyterHub), else at the direct URL. Shown again, it reuses the running server.
+        Sets `url` (where the kernel reaches it) and `browser_url` (what the iframe loads); returns the Dash app."""
+        from wyckoff_lab.widgets.base import free_port
+        from wyckoff_lab.widgets.jupyter import ThreadedServer, dash_requests_prefix, display_iframe, hub_host_names
+        from wyckoff_lab.widgets.jupyter import path_prefix as resolve_prefix
+
+        if self.server is None:
+            port = port or self.port or free_port()
+            prefix = resolve_prefix(port, path_prefix or self.path_prefix)
+            if prefix:  # the proxy forwards the browser's Host: the hub's own name must pass the host guard
+                settings = self.context.settings
+                settings.allowed_hosts = frozenset(settings.allowed_hosts) | hub_host_names()
+            with dash_requests_prefix(prefix):
+                self.dash_app = self.app()
+            self.context.start_job_server()  # before the server's threads (Jupyter's own may exist: logged)
+            self.context.start_warm_up()
+            self.server = ThreadedServer(self.dash_app, port)
+            self.url = self.server.url
+            self.browser_url = prefix or self.server.url
+        display_iframe(self.browser_url, height or self.height)
+        return self.dash_app
 
     def page_stores(self):
         return self.links.stores(chemistry=self.chemistry.initial, symmetry=self.symmetry.initial, tab="candidates")
@@ -123,10 +156,14 @@ class Explorer(Widget):
             lambda _session: self.resources())
 
 
-def create_app(context=None, **explorer_kwargs):
-    """The Explorer as a standalone Dash app (what `wyckoff-lab app` serves)."""
+def create_app(context=None, path_prefix: str | None = None, **explorer_kwargs):
+    """The Explorer as a standalone Dash app (what `wyckoff-lab app` serves). `path_prefix`: the path a reverse
+    proxy serves it under and strips before forwarding (e.g. "/proxy/8050/"); the page requests everything there."""
     from wyckoff_lab.widgets.base import build_app, default_context
+    from wyckoff_lab.widgets.jupyter import checked_prefix, dash_requests_prefix
 
+    prefix = checked_prefix(path_prefix) if path_prefix is not None else None
     context = context or default_context()
     explorer = Explorer(context=context, **explorer_kwargs)
-    return build_app([explorer], context, title="Wyckoff Lab", extra_stores=explorer.page_stores)
+    with dash_requests_prefix(prefix):
+        return build_app([explorer], context, title="Wyckoff Lab", extra_stores=explorer.page_stores)

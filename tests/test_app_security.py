@@ -161,15 +161,12 @@ def test_no_client_can_make_the_app_kill_a_process(server, dependencies):
 def test_a_job_is_stopped_only_for_the_session_that_started_it(tmp_path):
     """The manager stops a job it started when the owning session asks, never when another session asks."""
     import diskcache
-    import threading
 
     from flask import Flask
     from wyckoff_lab.widgets.context import WarmDiskcacheManager
     from wyckoff_lab.widgets.state import new_session_id
 
-    ready = threading.Event()
-    ready.set()
-    manager = WarmDiskcacheManager(diskcache.Cache(str(tmp_path / "jobs")), ready)
+    manager = WarmDiskcacheManager(diskcache.Cache(str(tmp_path / "jobs")))  # no warm-up: jobs fork at once
     flask_app = Flask(__name__)
     owner, other = new_session_id(), new_session_id()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dash import Dash, dcc, html
 from wyckoff_lab.widgets.context import LabContext
+from wyckoff_lab.widgets.session_files import SessionFiles
 from wyckoff_lab.widgets.state import new_session_id, revision
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,15 @@ class Links:
     symmetry: str = "wl-symmetry"
     structure: str = "wl-structure"
     tab: str = "wl-active-tab"
+    session_token: str = "wl-session-token"  # the tab's signed session id, kept in sessionStorage across reloads
 
     def stores(self, chemistry: dict | None = None, symmetry: dict | None = None,
                structure: dict | None = None, tab: str | None = None) -> list[dcc.Store]:
-        """The shared stores for a freshly loaded page: a new session id, so every tab has its own candidates."""
+        """The shared stores for a freshly loaded page: a new session id, so every tab has its own candidates, and
+        the token store that brings back the tab's earlier session after a reload (see `restore_sessions`)."""
         return [
             dcc.Store(id=self.session, data={"sid": new_session_id()}),
+            dcc.Store(id=self.session_token, storage_type="session"),
             dcc.Store(id=self.revision, data=revision()),
             dcc.Store(id=self.selected, data=None),
             dcc.Store(id=self.chemistry, data=chemistry or {"elements": [], "formula": None, "max_atoms": 20}),
@@ -129,6 +133,7 @@ class Widget:
     def show(self, port: int | None = None, height: int = 650, mode: str = "inline") -> Dash:
         """Run the widget's app inside Jupyter (Dash's Jupyter mode: an inline iframe by default)."""
         app = self.app()
+        self.context.start_job_server()  # before the server's threads (Jupyter's own may exist: logged)
         self.context.start_warm_up()
         port = port or free_port()
         app.run(jupyter_mode=mode, jupyter_height=height, port=port, host="127.0.0.1")
@@ -183,6 +188,57 @@ def guard_requests(app: Dash, allowed_hosts) -> None:
         return None
 
 
+def restore_sessions(app: Dash, links: Links) -> None:
+    """A reload of a tab keeps its session: the tab's sessionStorage keeps its signed id (a new tab starts empty,
+    so tabs never share candidates). On load, a stored id this server signed replaces the page's fresh one (and the
+    views that show candidates redraw); a missing or forged one is replaced by the fresh id. The stored value is a
+    bare string, not {"sid": ...}, so the request guard lets a stale one through to be replaced here."""
+    from dash import Input, Output, State, no_update
+    from wyckoff_lab.widgets.security import session_id_is_valid
+
+    @app.callback(Output(links.session, "data", allow_duplicate=True),
+                  Output(links.revision, "data", allow_duplicate=True),
+                  Output(links.session_token, "data"),
+                  Input(links.session_token, "data"), State(links.session, "data"),
+                  prevent_initial_call="initial_duplicate")
+    def restore(token, session):
+        current = (session or {}).get("sid")
+        if token == current:
+            return no_update, no_update, no_update
+        if isinstance(token, str) and session_id_is_valid(token):
+            return {"sid": token}, revision(), no_update
+        return no_update, no_update, current
+
+
+class WarmUpBanner:
+    """The line that says what the job server is still loading ("loading reference data (MP-20), 2 of 4"), so a
+    job asked for during warm-up is seen to be queued rather than stuck; it hides itself once loading is done."""
+
+    def __init__(self, context: LabContext, prefix: str = "wl-warmup"):
+        self.context, self.prefix = context, prefix
+
+    def layout(self):
+        state = self.context.manager.warm_up_state
+        return html.Div([html.Div(state.message() or "", id=f"{self.prefix}-text", className="wl-warmup-text"),
+                         dcc.Interval(id=f"{self.prefix}-tick", interval=500, disabled=state.done)],
+                        id=self.prefix, className="wl-warmup notification is-info is-light",
+                        style={"display": "none" if state.done else "block", "padding": "0.4rem 1rem",
+                               "marginBottom": "0.5rem"})
+
+    def register(self, app: Dash) -> None:
+        from dash import Input, Output
+
+        @app.callback(Output(f"{self.prefix}-text", "children"), Output(self.prefix, "style"),
+                      Output(f"{self.prefix}-tick", "disabled"), Input(f"{self.prefix}-tick", "n_intervals"))
+        def tick(_n):
+            state = self.context.manager.warm_up_state
+            style = {"padding": "0.4rem 1rem", "marginBottom": "0.5rem", "display": "none" if state.done else "block"}
+            text = state.message()
+            if text:
+                text += " · jobs you start now are queued and begin when it is done"
+            return text, style, state.done
+
+
 def assets_folder() -> str:
     return str(Path(str(resources.files("wyckoff_lab.widgets").joinpath("assets"))))
 
@@ -191,7 +247,9 @@ def build_app(widgets: list[Widget], context: LabContext, title: str = "Wyckoff 
               header=None) -> Dash:
     """A Dash app hosting `widgets` on one page, every script, stylesheet and font served from this machine.
 
-    The layout is a function, so each page load (each browser tab) gets a fresh session id. Crystal Toolkit's
+    The layout is a function, so each page load (each browser tab) gets a fresh session id, which a reload swaps
+    for the tab's earlier one (`restore_sessions`). Above the widgets: the warm-up line and the session files
+    buttons (save / open). Call `context.start_job_server()` after this and before serving. Crystal Toolkit's
     components get their stores and callbacks here, and its Bulma / Font Awesome CSS comes from its wheel instead
     of a CDN.
     """
@@ -226,6 +284,10 @@ def build_app(widgets: list[Widget], context: LabContext, title: str = "Wyckoff 
     cache.init_app(app.server)
     ct_components = [c for w in widgets for c in w.ct_components]
 
+    links = widgets[0].links if widgets else Links()
+    banner = WarmUpBanner(context)
+    files = SessionFiles(context, links)
+
     def page():
         from crystal_toolkit.core.mpcomponent import MPComponent
 
@@ -233,12 +295,15 @@ def build_app(widgets: list[Widget], context: LabContext, title: str = "Wyckoff 
         for component in ct_components:
             stores += MPComponent._app_stores_dict[component.id()]
         body = [w.layout() for w in widgets]
-        return html.Div([*(header() if callable(header) else [header] if header else []), *body,
-                         html.Div(stores, style={"display": "none"})], className="wl-page")
+        return html.Div([banner.layout(), *(header() if callable(header) else [header] if header else []),
+                         files.layout(), *body, html.Div(stores, style={"display": "none"})], className="wl-page")
 
     app.layout = page
     for widget in widgets:
         widget.register(app)
+    restore_sessions(app, links)
+    banner.register(app)
+    files.register(app)
     for component in ct_components:
         component.generate_callbacks(app, cache)
     app.wyckoff_lab_context = context

@@ -2,7 +2,8 @@
 
 Everything here is shared by all browser tabs and is read-only after loading (models, reference data); what
 differs per tab lives in the `SessionStore` under the tab's session id. Long work (generation, relaxation, hulls)
-runs as Dash background callbacks in forked processes, which inherit the models loaded here for free.
+runs as Dash background callbacks in processes forked by a single-threaded job server (see WarmDiskcacheManager
+for why that design), which inherit the models it loaded for free.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dash import DiskcacheManager
-from wyckoff_lab.widgets.security import allowed_host_names, request_session_ids
+from wyckoff_lab.widgets.security import allowed_host_names, request_session_ids, use_secret_file
 from wyckoff_lab.widgets.state import SessionStore
 
 log = logging.getLogger(__name__)
 
-WARMUP_WAIT_S = 60.0  # a job that starts during warm-up waits at most this long for the models to be loaded
+WARMUP_WAIT_S = 60.0  # a page part that needs loaded models waits at most this long for them
 JOB_TORCH_THREADS = 1  # see _job_entry
 WORK_DIR_PREFIX = "wyckoff-lab-app-"  # temporary work folders, one per app process
 OWNER_FILE = "owner.pid"  # the process that made a work folder: once it is gone, the folder is stale
+SECRET_FILE = "session.key"  # the signing secret of a --work-dir (0600), so its sessions outlive a restart
 
 
 ALLOWED_HOSTS_ENV = "WYCKOFF_LAB_ALLOWED_HOSTS"  # comma-separated Host names to serve besides loopback ones
@@ -111,7 +113,11 @@ class LabContext:
         self.sessions = SessionStore(str(folder / "sessions"))
         self.ready = threading.Event()  # everything loaded: background jobs may fork
         self.generators_ready = threading.Event()  # generators loaded: the generate form can be used
-        self.manager = WarmDiskcacheManager(diskcache.Cache(str(folder / "jobs")), self.ready)
+        if self.settings.work_dir is not None:  # a restart with the same --work-dir keeps its sessions
+            use_secret_file(folder / SECRET_FILE)
+        self.manager = WarmDiskcacheManager(diskcache.Cache(str(folder / "jobs")),
+                                            self.warm_up_steps if self.settings.warm_up else None,
+                                            before_fork=self.close_connections)
         # One lock per resource: a page asking for reference data must not wait for the potential to load.
         self._generator_lock, self._potential_lock, self._reference_lock = (threading.RLock() for _ in range(3))
         self._generators: dict[str, object] = {}
@@ -132,7 +138,25 @@ class LabContext:
         if self._warm_up_started or self.ready.is_set():
             return
         self._warm_up_started = True
+        self.manager.warm_up_jobs()  # the job server loads its own copy, single-threaded (see the manager)
         threading.Thread(target=self.warm_up, name="wyckoff-lab-warm-up", daemon=True).start()
+
+    def start_job_server(self) -> int:
+        """Fork the process background jobs are forked from (see WarmDiskcacheManager): once the app's callbacks
+        are registered, before the server starts any thread."""
+        return self.manager.start_job_server()
+
+    def close_connections(self) -> None:
+        """Close this process's sqlite connections (they reopen when next used), so a fork copies none."""
+        self.sessions.close()
+        self.manager.handle.close()
+
+    def warm_up_steps(self) -> list[tuple[str, object]]:
+        """What the job server loads before it forks jobs, in order, each with the label the page shows."""
+        return [("the generators", lambda: [self.generator_status(n) for n in self.generator_names()]),
+                (f"reference data ({self.settings.dataset.upper().replace('_', '-')})", self.references),
+                ("space-group frequencies", self.spacegroup_frequencies),
+                ("the relaxation potential", self.potential)]
 
     # -- warm-up --------------------------------------------------------------------------------------------------
 
@@ -258,81 +282,194 @@ class LabContext:
             return self._frequencies
 
 
-@dataclass(frozen=True)
+@dataclass
 class StartedJob:
-    """A background job this app started: its process (pid + start time, so a reused pid is not taken for it) and
-    the sessions whose request started it."""
+    """A background job this app started: its job number (what the page holds), its process once the job server
+    forked it (pid + start time, so a reused pid is not taken for it), and the sessions whose request started it."""
 
-    pid: int
-    create_time: float
+    job: int
     sessions: frozenset[str]
+    pid: int | None = None  # None while the job waits in the job server's queue (warm-up not done yet)
+    create_time: float = -1.0
+    ended: bool = False
+    threads_at_fork: int | None = None  # Python threads of the process that forked it (1: no lock inherited)
+
+
+@dataclass
+class WarmUpState:
+    """What the job server is loading, as the page shows it ("loading reference data (MP-20), 2 of 4")."""
+
+    step: int = 0
+    steps: int = 0
+    label: str = ""
+    done: bool = False
+
+    def message(self) -> str:
+        if self.done:
+            return ""
+        if not self.steps:
+            return "starting the job server…"
+        return f"loading {self.label}, {min(self.step + 1, self.steps)} of {self.steps}"
 
 
 class WarmDiskcacheManager(DiskcacheManager):
-    """Dash's diskcache background manager, with three changes that matter for a process holding torch models.
+    """Dash's diskcache background manager whose jobs are forked by a job server ("zygote"), never by the server.
 
-    1. A job waits for the warm-up gate before it forks, so no fork happens while a model is half loaded (a lock
-       held by the loading thread would stay locked forever in the child).
-    2. The child runs torch single-threaded: GNU OpenMP does not survive fork once the parent has used its thread
-       pool (measured: a CHGNet step in a forked child hangs with 2 threads and completes with 1).
-    3. It stops only processes it started, and only at the request of the session that started them. Dash's own
-       manager kills whatever pid a client puts in `cancelJob`, `oldJob` or `job`, the server's included.
+    Why a zygote and not spawned workers: a spawned worker would import torch and load the transformer, CHGNet and
+    MP-20 again for every job (tens of seconds on a 2-core machine), and Dash's job functions are closures that
+    cannot be pickled. The zygote is forked once, when the app is built (its callbacks registered) and before the
+    server has any thread or open sqlite connection (`start_job_server` checks and records that); it loads the
+    models itself, single-threaded (torch with one thread, so no OpenMP pool exists to break in a fork), and forks
+    one child per job. A child therefore inherits the models from a process that never had a second thread: no
+    lock can be held at fork time. Only the job number, the callback's registry key, its args and context cross
+    the pipe. A job asked for during warm-up is queued in the zygote (the request returns at once; the page shows
+    what is loading) and forked when loading is done.
+
+    Each job runs in its own process group, so a cancel kills it with everything it forked (generation workers).
+    The manager stops only jobs it started, and only at the request of the session that started them: Dash's own
+    manager kills whatever pid a client puts in `cancelJob`, `oldJob` or `job`, the server's included. Job ids
+    are random job numbers, not pids, so a client cannot name a process at all.
     """
 
-    def __init__(self, cache, ready: threading.Event, **kwargs):
+    def __init__(self, cache, warm_up_steps=None, before_fork=None, **kwargs):
         super().__init__(cache, **kwargs)
-        self._ready = ready
+        self._warm_up_steps = warm_up_steps  # () -> [(label, loader)], run in the zygote once the app is used
+        self._before_fork = before_fork  # closes the server's sqlite connections before the zygote is forked
         self._jobs: dict[int, StartedJob] = {}
         self._jobs_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._server_lock = threading.Lock()
+        self._connection = None
+        self.zygote_pid: int | None = None
+        self.threads_at_zygote_fork: int | None = None
+        self.databases_at_zygote_fork: list[str] | None = None
+        self.warm_up_state = WarmUpState()
+        self.jobs_ready = threading.Event()  # the zygote finished loading: jobs fork at once
+
+    # -- the job server -------------------------------------------------------------------------------------------
+
+    def start_job_server(self) -> int:
+        """Fork the job server (idempotent); returns its pid. Call it after the app's callbacks are registered and
+        before the server starts threads (`wyckoff-lab app` does); a later call from a threaded process still
+        works but is logged, since a lock held by another thread at that moment would stay held in the zygote."""
+        with self._server_lock:
+            if self.zygote_pid is not None:
+                return self.zygote_pid
+            import multiprocessing
+
+            if self._before_fork is not None:
+                self._before_fork()
+            self.handle.close()  # diskcache reopens its connection when next used
+            threads = threading.active_count()
+            if threads > 1:
+                log.warning("the job server is forked from a process with %d threads (%s); start it before the "
+                            "server runs", threads, ", ".join(t.name for t in threading.enumerate()))
+            self.databases_at_zygote_fork = _open_database_files()
+            parent_end, child_end = multiprocessing.Pipe(duplex=True)
+            steps = self._warm_up_steps
+            if steps is None:  # nothing preloaded: jobs fork at once and load what they use
+                self.warm_up_state = WarmUpState(done=True)
+                self.jobs_ready.set()
+            pid = os.fork()
+            if pid == 0:  # the zygote
+                code = 0
+                try:
+                    parent_end.close()
+                    _zygote_main(self, child_end, steps)
+                except BaseException:  # noqa: BLE001 - whatever happens, never return into the server's code
+                    log.exception("job server failed")
+                    code = 1
+                finally:
+                    os._exit(code)
+            child_end.close()
+            self._connection = parent_end
+            self.zygote_pid = pid
+            self.threads_at_zygote_fork = threads
+            threading.Thread(target=self._read_job_server, name="wyckoff-lab-job-server-reader",
+                             daemon=True).start()
+            return pid
+
+    def warm_up_jobs(self) -> None:
+        """Let the zygote start loading (the app calls this on its first request, see `LabContext.start_warm_up`)."""
+        self.start_job_server()
+        self._send(("warm",))
+
+    def _send(self, message) -> None:
+        with self._send_lock:
+            self._connection.send(message)
+
+    def _read_job_server(self) -> None:
+        """Server side: apply what the zygote reports (warm-up steps, jobs forked, ended, refused)."""
+        connection = self._connection
+        while True:
+            try:
+                message = connection.recv()
+            except (EOFError, OSError):
+                log.error("the job server is gone: background jobs can no longer start")
+                self.warm_up_state = WarmUpState(label="job server stopped", done=False)
+                return
+            kind = message[0]
+            if kind == "warming":
+                _, step, steps, label = message
+                self.warm_up_state = WarmUpState(step, steps, label)
+            elif kind == "ready":
+                self.warm_up_state = WarmUpState(done=True)
+                self.jobs_ready.set()
+            elif kind == "started":
+                _, job, pid, create_time, threads = message
+                with self._jobs_lock:
+                    record = self._jobs.get(job)
+                    if record is not None:
+                        record.pid, record.create_time, record.threads_at_fork = pid, create_time, threads
+            elif kind in ("ended", "dropped"):
+                with self._jobs_lock:
+                    record = self._jobs.get(message[1])
+                    if record is not None:
+                        record.ended = True
+            elif kind == "failed":
+                _, job, key, text = message
+                self.handle.set(key, {"background_callback_error": {"msg": text, "tb": ""}})
+                with self._jobs_lock:
+                    record = self._jobs.get(job)
+                    if record is not None:
+                        record.ended = True
+
+    # -- Dash's manager interface ---------------------------------------------------------------------------------
 
     def call_job_fn(self, key, job_fn, args, context):
-        import multiprocess
-        import psutil
+        import secrets
 
-        sessions = request_session_ids()  # before the wait: the request is what says whose job this is
-        self._ready.wait(WARMUP_WAIT_S)
-        process = multiprocess.get_context("fork").Process(
-            target=_job_entry, args=(job_fn, key, self._make_progress_key(key), args, context), daemon=True)
-        process.start()
-        try:
-            started = psutil.Process(process.pid).create_time()
-        except psutil.NoSuchProcess:  # finished already: nothing left to stop
-            started = -1.0
+        sessions = request_session_ids()  # the request is what says whose job this is
+        self.start_job_server()
+        registered = next((k for k, fn in self.func_registry.items() if fn is job_fn), None)
+        reference = ("registered", registered) if registered is not None else ("object", job_fn)
+        job = secrets.randbits(52) + 1  # not a pid: a client's job id names nothing outside this registry
         with self._jobs_lock:
             self._forget_finished()
-            self._jobs[process.pid] = StartedJob(process.pid, started, sessions)
-        return process.pid
+            self._jobs[job] = StartedJob(job, sessions)
+        self._send(("job", job, reference, key, self._make_progress_key(key), args, dict(context)))
+        return job
 
     def started_job(self, job) -> StartedJob | None:
-        """The job with this id if this manager started it and its process is still that one; else None."""
-        import psutil
-
+        """The job with this number if this manager started it and it is queued or still running; else None."""
         try:
-            pid = int(str(job))
+            number = int(str(job))
         except (TypeError, ValueError):
             return None
         with self._jobs_lock:
-            record = self._jobs.get(pid)
-        if record is None:
+            record = self._jobs.get(number)
+        if record is None or record.ended:
             return None
-        try:
-            if psutil.Process(pid).create_time() != record.create_time:
-                raise psutil.NoSuchProcess(pid)
-        except psutil.NoSuchProcess:
+        if record.pid is not None and not _same_process(record.pid, record.create_time):
             with self._jobs_lock:
-                self._jobs.pop(pid, None)
+                record.ended = True
             return None
         return record
 
     def _forget_finished(self) -> None:
-        import psutil
-
-        for pid, record in list(self._jobs.items()):
-            try:
-                if psutil.Process(pid).create_time() != record.create_time:
-                    del self._jobs[pid]
-            except psutil.NoSuchProcess:
-                del self._jobs[pid]
+        for number, record in list(self._jobs.items()):
+            if record.ended or (record.pid is not None and not _same_process(record.pid, record.create_time)):
+                del self._jobs[number]
 
     def may_stop(self, job) -> StartedJob | None:
         """The job if the current caller may stop it: server code outside a request always, a request only when
@@ -342,29 +479,210 @@ class WarmDiskcacheManager(DiskcacheManager):
         record = self.started_job(job)
         if record is None:
             if job is not None:
-                log.warning("refused to stop process %.40r: not a job this app started", str(job))
+                log.warning("refused to stop process %.40r: not a running job this app started", str(job))
             return None
         if flask.has_request_context() and record.sessions and not (record.sessions & request_session_ids()):
-            log.info("refused to stop job %s for a request of another (or no) session", record.pid)
+            log.info("refused to stop job %s for a request of another (or no) session", record.job)
             return None
         return record
 
     def terminate_job(self, job):
+        import signal
+
         record = self.may_stop(job)
-        if record is not None:
-            super().terminate_job(record.pid)
+        if record is None:
+            return
+        if record.pid is None:  # still queued: the zygote drops it (and its cancel record stops it anyway)
+            self._send(("drop", record.job))
+            with self._jobs_lock:
+                record.ended = True
+            return
+        try:
+            os.killpg(record.pid, signal.SIGKILL)  # the job and everything it forked
+        except ProcessLookupError:
+            pass
+        with self._jobs_lock:
+            record.ended = True
 
     def terminate_unhealthy_job(self, job):
         record = self.may_stop(job)
-        return record is not None and super().terminate_unhealthy_job(record.pid)
+        if record is None or record.pid is None:
+            return False
+        if not self.job_running(job):
+            self.terminate_job(job)
+            return True
+        return False
 
     def job_running(self, job):
         record = self.started_job(job)
-        return record is not None and super().job_running(record.pid)
+        if record is None:
+            return False
+        if record.pid is None:
+            return True  # queued: the page keeps polling (and shows the warm-up)
+        import psutil
+
+        try:
+            return psutil.Process(record.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+
+def _open_database_files() -> list[str]:
+    """The sqlite files this process holds open (Linux; empty elsewhere): a fork must copy none."""
+    found = []
+    folder = Path("/proc/self/fd")
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.endswith((".db", ".db-wal", ".db-shm")):
+            found.append(target)
+    return found
+
+
+def _same_process(pid: int, create_time: float) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() == create_time
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _zygote_main(manager: WarmDiskcacheManager, connection, warm_up_steps) -> None:
+    """The job server's loop: load once asked to (reporting each step), queue jobs until then, fork one per job.
+
+    Single-threaded by construction: it never starts a thread, so every fork here copies a process in which no
+    other thread can hold a lock.
+    """
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C stops the server; this process follows its pipe's end
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.environ["OMP_NUM_THREADS"] = str(JOB_TORCH_THREADS)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(JOB_TORCH_THREADS)
+    try:  # tqdm's monitor thread takes tqdm's lock every few seconds: forked then, every later bar would hang
+        from tqdm.std import tqdm as tqdm_class
+
+        tqdm_class.monitor_interval = 0
+    except ImportError:
+        pass
+    queue: list[tuple] = []
+    children: dict[int, int] = {}  # pid -> job number
+    ready = warm_up_steps is None
+
+    def fork_job(message) -> None:
+        _, job, reference, key, progress_key, args, context = message
+        kind, value = reference
+        job_fn = manager.func_registry.get(value) if kind == "registered" else value
+        if job_fn is None:
+            connection.send(("failed", job, key, "this background callback was registered after the job server "
+                                                 "started; restart the app"))
+            return
+        threads = threading.active_count()
+        if threads > 1:
+            log.warning("job server: forking a job beside threads %s",
+                        ", ".join(t.name for t in threading.enumerate()))
+        pid = os.fork()
+        if pid == 0:  # the job
+            code = 0
+            try:
+                os.setpgid(0, 0)
+                connection.close()
+                _job_entry(job_fn, key, progress_key, args, context)
+            except BaseException:  # noqa: BLE001
+                log.exception("background job failed")
+                code = 1
+            finally:
+                os._exit(code)
+        try:
+            os.setpgid(pid, pid)  # also here: a cancel right after the fork must find the group
+        except OSError:
+            pass
+        children[pid] = job
+        try:
+            import psutil
+
+            create_time = psutil.Process(pid).create_time()
+        except Exception:  # noqa: BLE001 - ended already
+            create_time = -1.0
+        connection.send(("started", job, pid, create_time, threads))
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                return
+            if pid == 0:
+                return
+            job = children.pop(pid, None)
+            if job is not None:
+                connection.send(("ended", job))
+
+    def handle(message) -> None:
+        nonlocal queue
+        kind = message[0]
+        if kind == "job":
+            if ready:
+                fork_job(message)
+            else:
+                queue.append(message)
+        elif kind == "drop":
+            kept = [m for m in queue if m[1] != message[1]]
+            if len(kept) != len(queue):
+                connection.send(("dropped", message[1]))
+            queue = kept
+
+    def drain() -> None:
+        while connection.poll(0):
+            handle(connection.recv())
+
+    try:
+        while not ready:  # wait for the first request (or a job) before loading, as the server did
+            if not connection.poll(0.5):
+                continue
+            message = connection.recv()
+            handle(message)
+            if message[0] in ("warm", "job"):
+                steps = list(warm_up_steps())
+                t0 = time.perf_counter()
+                for i, (label, loader) in enumerate(steps):
+                    connection.send(("warming", i, len(steps), label))
+                    drain()  # jobs asked for meanwhile are queued, cancels honoured
+                    try:
+                        loader()
+                    except Exception:  # noqa: BLE001 - every loader reports its own error when used
+                        log.exception("job server: loading %s failed", label)
+                drain()
+                ready = True
+                log.info("job server ready in %.1f s", time.perf_counter() - t0)
+                connection.send(("ready",))
+                for queued in queue:
+                    fork_job(queued)
+                queue = []
+        while True:
+            if connection.poll(0.2):
+                handle(connection.recv())
+            reap()
+    except (EOFError, OSError):  # the server is gone: so are its jobs
+        pass
+    finally:
+        import signal as _signal
+
+        for pid in list(children):
+            try:
+                os.killpg(pid, _signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _job_entry(job_fn, key, progress_key, args, context) -> None:
-    """Run one background job in its forked process (see WarmDiskcacheManager)."""
+    """Run one background job in its process, forked by the job server (see WarmDiskcacheManager)."""
     import sys
 
     if "torch" in sys.modules:

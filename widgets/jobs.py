@@ -1,6 +1,6 @@
 """The long-running work behind the buttons, as plain functions of (context, session, request, progress).
 
-Dash background callbacks call these in forked processes; tests call them directly. Each one reports progress
+Dash background callbacks call these in processes forked by the job server; tests call them directly. Each one reports progress
 through a plain callback, writes its results into the session's records, and turns every expected failure (bad
 input, an unloadable model, an exploding relaxation) into a `JobError` whose message the UI shows as it is.
 """
@@ -47,6 +47,48 @@ def request_cancel(context: LabContext, session: str, kind: str, clicks: int) ->
     the cancel reaches the session's records or the page.
     """
     context.sessions.set(session, f"cancel/{kind}", int(clicks or 0))
+    retire_jobs(context, session, kind)
+
+
+# -- statuses that belong to their job ------------------------------------------------------------------------------
+#
+# A status line is data tied to the job that made it: {"job", "kind", "text", "level"}. A widget starts a job with
+# `start_job` (the job id becomes the session's current job of that kind), returns `job_status(job, ...)` from the
+# job into a store, and shows it through `visible_status`, which hides it once that job is no longer current: a
+# cancel (`request_cancel` retires the job), a newer job of the same kind, or `retire_jobs` (a switched system).
+
+
+def start_job(context: LabContext, session: str, kind: str) -> str:
+    """A new job id, made the session's current job of `kind` (an older job's status stops being shown)."""
+    import uuid
+
+    job = uuid.uuid4().hex[:12]
+    context.sessions.set(session, f"job/{kind}", job)
+    return job
+
+
+def current_job(context: LabContext, session: str, kind: str) -> str | None:
+    return context.sessions.get(session, f"job/{kind}")
+
+
+def retire_jobs(context: LabContext, session: str, *kinds: str) -> None:
+    """No job of these kinds is current any more (cancel, switched chemical system): their statuses disappear."""
+    for kind in kinds:
+        context.sessions.set(session, f"job/{kind}", None)
+
+
+def job_status(job: str | None, kind: str, text: str, level: str = "info") -> dict:
+    """The status line of one job (level: info, success, warning, danger), as a store value."""
+    return {"job": job, "kind": kind, "text": text, "level": level}
+
+
+def visible_status(context: LabContext, session: str, status: dict | None) -> dict | None:
+    """`status` while its job is the session's current one of its kind, else None (the line is stale)."""
+    if not status or not session:
+        return None
+    if status.get("job") is None or status.get("job") != current_job(context, session, status.get("kind", "")):
+        return None
+    return status
 
 
 def cancel_check(context: LabContext, session: str, kind: str, seen: int | None) -> Callable[[], bool]:
@@ -121,6 +163,7 @@ def conditions_for(request: GenerationRequest):
 
 
 MIN_SAMPLES_PER_WORKER = 20  # below this a worker's fork and hand-over cost more than it saves
+FORK_THREADS: list[int] = []  # Python threads of this process at each fork of generation workers (tests read it)
 
 
 def generation_workers(context: LabContext, generator, n: int) -> int:
@@ -137,7 +180,9 @@ def generate_in_workers(generator, n: int, conditions, temperature: float, seed:
     """`generator.generate(n, ...)` split over `workers` processes (this one and forked ones), merged in worker order.
 
     Each share gets its own seed drawn from `seed`, so a given seed and worker count give the same candidates.
-    Workers are forked from the job process (the models are inherited) and die with it when the job is cancelled.
+    Workers are forked from the job process (the models are inherited) and die with it when the job is cancelled
+    (they share its process group). The caller closes its sqlite connections first (`LabContext.close_connections`);
+    the job process is single-threaded (forked by the job server), and `FORK_THREADS` records that per fork.
     """
     if workers <= 1:
         return generator.generate(n, conditions, temperature=temperature, seed=seed, progress=progress)
@@ -165,6 +210,9 @@ def generate_in_workers(generator, n: int, conditions, temperature: float, seed:
             connection.close()
 
     pipes, processes = [], []
+    import threading
+
+    FORK_THREADS.append(threading.active_count())
     for i in range(1, workers):
         receive, send = fork.Pipe(duplex=False)
         process = fork.Process(target=share, args=(i, send), daemon=True)
@@ -232,6 +280,8 @@ def run_generation(context: LabContext, session: str, request: GenerationRequest
     report = Throttle(progress)
     report(0, n, f"{request.generator}: starting", force=True)
     workers = generation_workers(context, generator, n)
+    if workers > 1:
+        context.close_connections()  # the workers are forked: no sqlite connection may be copied into them
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

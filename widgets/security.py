@@ -1,7 +1,8 @@
 """What the app trusts from a client: session ids and structure payloads it signed itself, and Host names it serves.
 
 Every browser tab gets a session id from the server, signed with HMAC-SHA256 under a secret made when this module
-is first imported (one per server process; forked background jobs inherit it, a restarted app issues new ones). A
+is first imported (one per server process; the job server and its jobs are forked and inherit it), or read from a
+0600 file in the app's --work-dir (`use_secret_file`), so that a restart with the same folder keeps its sessions. A
 client that invents an id, or posts one it learned, is refused (see README, "Security model"). Structure payloads
 shown in the 3D view are signed the same way, so the server draws only structures it made, never one a client
 posts. The Host check keeps a DNS-rebinding page (a foreign name that resolves to 127.0.0.1) from driving the app.
@@ -17,7 +18,8 @@ import secrets
 import socket
 from collections.abc import Iterable
 
-_SECRET = secrets.token_bytes(32)
+_SECRET = secrets.token_bytes(32)  # what new ids and payloads are signed with
+_ACCEPTED = [_SECRET]  # what a signature may have been made with: this process's own and every work folder's
 SESSION_ID_LENGTH = 32 + 1 + 32  # hex nonce, ".", hex signature (truncated to 128 bits)
 SIGNATURE_FIELD = "signature"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -27,8 +29,47 @@ class UntrustedInputError(ValueError):
     """A client sent a session id or payload this server did not sign."""
 
 
-def _mac(kind: str, message: bytes) -> str:
-    return hmac.new(_SECRET, kind.encode() + b"\0" + message, hashlib.sha256).hexdigest()
+def use_secret_file(path) -> None:
+    """Sign with the secret kept in `path` (made there, readable by this user only, when missing): ids issued
+    before a restart stay valid afterwards. Ids signed before this call stay valid too (a process may host more
+    than one context). A file anyone else may read, or of the wrong length, is refused."""
+    import os
+    import stat
+    from pathlib import Path
+
+    global _SECRET
+    path = Path(path)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise UntrustedInputError(f"{path} is readable by other users: remove it (a new one is made) or "
+                                      "chmod 600 it") from None
+        secret = path.read_bytes()
+        if len(secret) != 32:
+            raise UntrustedInputError(f"{path} is not a session secret (expected 32 bytes): remove it") from None
+    else:
+        secret = secrets.token_bytes(32)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secret)
+    _SECRET = secret
+    if secret not in _ACCEPTED:
+        _ACCEPTED.append(secret)
+
+
+def _mac(kind: str, message: bytes, secret: bytes | None = None) -> str:
+    return hmac.new(secret or _SECRET, kind.encode() + b"\0" + message, hashlib.sha256).hexdigest()
+
+
+def _matches(signature: str, kind: str, message: bytes, length: int | None = None) -> bool:
+    """Whether `signature` is the MAC of `message` under any accepted secret (constant-time per secret)."""
+    if not isinstance(signature, str) or not signature.isascii():
+        return False
+    found = False
+    for secret in _ACCEPTED:
+        found |= hmac.compare_digest(signature, _mac(kind, message, secret)[:length])
+    return found
 
 
 # -- session ids ------------------------------------------------------------------------------------------------------
@@ -45,7 +86,7 @@ def session_id_is_valid(sid) -> bool:
     if not isinstance(sid, str) or len(sid) != SESSION_ID_LENGTH or sid[32] != ".":
         return False
     nonce, signature = sid[:32], sid[33:]
-    return hmac.compare_digest(signature, _mac("session", nonce.encode())[:32])
+    return _matches(signature, "session", nonce.encode(), 32)
 
 
 def check_session_id(sid) -> str:
@@ -76,9 +117,13 @@ def _canonical(value):
     raise TypeError(f"cannot sign a {type(value).__name__}")
 
 
-def _payload_mac(payload: dict) -> str:
+def _payload_body(payload: dict) -> bytes:
     body = {k: v for k, v in payload.items() if k != SIGNATURE_FIELD}
-    return _mac("payload", json.dumps(_canonical(body), sort_keys=True, separators=(",", ":")).encode())
+    return json.dumps(_canonical(body), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _payload_mac(payload: dict) -> str:
+    return _mac("payload", _payload_body(payload))
 
 
 def sign_payload(payload: dict) -> dict:
@@ -91,10 +136,10 @@ def payload_is_signed(payload) -> bool:
     if not isinstance(payload, dict) or not isinstance(payload.get(SIGNATURE_FIELD), str):
         return False
     try:
-        expected = _payload_mac(payload)
+        body = _payload_body(payload)
     except (TypeError, ValueError, RecursionError):
         return False
-    return hmac.compare_digest(payload[SIGNATURE_FIELD], expected)
+    return _matches(payload[SIGNATURE_FIELD], "payload", body)
 
 
 # -- the sessions a Dash request speaks for ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 from wyckoff_lab.app.cli import CommandError
 
@@ -31,6 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("--relax-max-steps", type=int, default=300,
                    help="FIRE steps per relaxation, candidates and hull references alike (default 300)")
     p.add_argument("--samples", type=int, default=100, help="number of samples preset in the form (default 100)")
+    p.add_argument("--work-dir", default=None, metavar="FOLDER",
+                   help="keep sessions and job results in FOLDER (with the 0600 key that signs session ids), so a "
+                        "restart with the same folder keeps every tab's candidates (default: a temporary folder, "
+                        "removed when the app stops)")
     p.add_argument("--debug", action="store_true", help="Dash debug mode (dev tools, reloading)")
     p.set_defaults(func=run)
 
@@ -54,8 +59,15 @@ def stop_on_signals() -> None:
     import sys
 
     def stop(signum, _frame):
+        import atexit
+        import os
+
         log.info("stopping on signal %d", signum)
-        sys.exit(0)
+        # The exit handlers (work folder removal), then out without interpreter finalisation: a warm-up thread in
+        # the middle of loading torch would otherwise abort the process ("terminate called...", exit -6).
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        os._exit(0)
 
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
@@ -86,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
     hosts = allowed_host_names(args.host, [*extra_hosts(), *args.allow_host])
     context = LabContext(LabSettings(potential=args.potential, device=args.device, default_generator=args.generator,
                                      relax_max_steps=args.relax_max_steps, default_samples=args.samples,
-                                     allowed_hosts=hosts))
+                                     allowed_hosts=hosts, work_dir=Path(args.work_dir) if args.work_dir else None))
     elements = list(chemical_system(args.elements, "--elements")) if args.elements.strip() else []
     app = create_app(context, elements=elements)
+    # Now: the callbacks are registered and no thread runs yet, so the job server forks a lock-free process.
+    context.start_job_server()
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}/"
 
     def announce():

@@ -79,6 +79,17 @@ def test_dash_app_takes_the_prefix_and_the_port_in_use_is_refused():
             ThreadedServer(app, taken.getsockname()[1])
 
 
+def test_create_app_takes_a_path_prefix():
+    """`create_app(path_prefix=...)` (the app behind a reverse proxy that strips the prefix) and its refusal."""
+    from wyckoff_lab.widgets import LabContext, LabSettings, create_app
+
+    context = LabContext(LabSettings(warm_up=False))
+    app = create_app(context, path_prefix="/lab")
+    assert (app.config.requests_pathname_prefix, app.config.routes_pathname_prefix) == ("/lab/", "/")
+    with pytest.raises(ValueError, match="must be a URL path"):
+        create_app(context, path_prefix="lab/")
+
+
 def test_explorer_port_is_checked():
     from wyckoff_lab.widgets.explorer import Explorer
 
@@ -99,34 +110,92 @@ def _wait(url: str, deadline_s: float, what: str, process: subprocess.Popen, log
 
 
 @pytest.fixture(scope="module")
-def proxied_explorer(mp20_al_ca_cu, tmp_path_factory):
+def jupyter_home(tmp_path_factory):
+    """A temporary HOME and Jupyter config/data/runtime folders; the environment the servers run with."""
+    home = tmp_path_factory.mktemp("jupyter")
+    env = dict(os.environ, HOME=str(home), JUPYTER_CONFIG_DIR=str(home / "config"),
+               JUPYTER_DATA_DIR=str(home / "data"), JUPYTER_RUNTIME_DIR=str(home / "runtime"), OMP_NUM_THREADS="1")
+    env.pop(HUB_PREFIX_ENV, None)
+    return home, env
+
+
+@pytest.fixture(scope="module")
+def jupyter_server(jupyter_home):
+    """A real `jupyter server` (with every server extension installed here: jupyter-server-proxy, JupyterLab) on
+    127.0.0.1 with a token; yields (port, token)."""
+    pytest.importorskip("jupyter_server", reason="jupyter-server is not installed (pip install -e .[test])")
+    home, env = jupyter_home
+    token, port = secrets.token_hex(16), free_port()
+    log = open(home / "jupyter.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={home}", "--allow-root"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(f"http://127.0.0.1:{port}/api/status?token={token}", 60, "jupyter server", server, home / "jupyter.log")
+        yield port, token
+    finally:
+        stop_process(server)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def proxied_explorer(jupyter_home, jupyter_server, mp20_al_ca_cu):
     """(browser URL through jupyter-server-proxy, Jupyter port, app port, app log)."""
     pytest.importorskip("jupyter_server_proxy", reason="jupyter-server-proxy is not installed (pip install -e .[test])")
-    home = tmp_path_factory.mktemp("jupyter")
-    token, jport, aport = secrets.token_hex(16), free_port(), free_port()
-    env = dict(os.environ, HOME=str(home), JUPYTER_CONFIG_DIR=str(home / "config"),
-               JUPYTER_DATA_DIR=str(home / "data"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
-               WYCKOFF_LAB_DATA=str(mp20_al_ca_cu), WYCKOFF_LAB_CACHE=str(home / "cache"),
-               WYCKOFF_LAB_MODELS=str(home / "no-models"), OMP_NUM_THREADS="1",
-               **{PATH_PREFIX_ENV: "/proxy/{port}/"})
-    env.pop(HUB_PREFIX_ENV, None)
-    jupyter_log, app_log = open(home / "jupyter.log", "w"), open(home / "app.log", "w")
-    jupyter = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--port={jport}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={home}", "--allow-root"],
-        env=env, stdout=jupyter_log, stderr=subprocess.STDOUT)
+    home, env = jupyter_home
+    jport, token = jupyter_server
+    aport = free_port()
+    env = dict(env, WYCKOFF_LAB_DATA=str(mp20_al_ca_cu), WYCKOFF_LAB_CACHE=str(home / "cache"),
+               WYCKOFF_LAB_MODELS=str(home / "no-models"), **{PATH_PREFIX_ENV: "/proxy/{port}/"})
+    log = open(home / "app.log", "w")
     app = subprocess.Popen([sys.executable, "-c", SHOW_EXPLORER, str(aport)], env=env, stdin=subprocess.PIPE,
-                           stdout=app_log, stderr=subprocess.STDOUT)
+                           stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait(f"http://127.0.0.1:{jport}/api/status?token={token}", 60, "jupyter server", jupyter, home / "jupyter.log")
         _wait(f"http://127.0.0.1:{aport}/_dash-layout", 90, "the Explorer", app, home / "app.log")
         yield f"http://127.0.0.1:{jport}/proxy/{aport}/?token={token}", jport, aport, home / "app.log"
     finally:
         app.stdin.close()
         stop_process(app)
-        stop_process(jupyter)
-        jupyter_log.close()
-        app_log.close()
+        log.close()
+
+
+def test_jupyterlab_wants_no_build(jupyter_server):
+    """JupyterLab's build check (what its "Build recommended" / "Build failed" dialogs act on) finds nothing to
+    build: Dash's source lab extension, which JupyterLab 4 cannot build without Node.js, is removed by
+    `make install` (see Makefile)."""
+    pytest.importorskip("jupyterlab", reason="JupyterLab is not installed (pip install -e .[test])")
+    port, token = jupyter_server
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/lab/api/build?token={token}", timeout=60) as response:
+        build = json.load(response)
+    assert build["status"] != "needed", (
+        f"{build}: remove {Path(sys.prefix) / 'share/jupyter/lab/extensions/dash-jupyterlab.tgz'} (README, In Jupyter)")
+
+
+@needs_chromium
+def test_jupyterlab_opens_without_a_build_dialog(jupyter_server, tmp_path):
+    """Headless JupyterLab: once its build check has answered, no "Build recommended" dialog is open."""
+    pytest.importorskip("jupyterlab", reason="JupyterLab is not installed (pip install -e .[test])")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port, token = jupyter_server
+    driver = start_browser(tmp_path / "profile", console_log=True)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/lab?token={token}")
+        WebDriverWait(driver, 60, poll_frequency=0.25).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Launcher"))
+        answered = []
+        deadline = time.monotonic() + 30
+        while not answered and time.monotonic() < deadline:
+            answered = [u for u in _network(driver, all_responses=True)[1] if "/lab/api/build" in u[1]]
+            time.sleep(0.25)
+        assert answered, "JupyterLab never asked for its build status"
+        time.sleep(2)  # the dialog opens as soon as the answer is read
+        dialogs = [d.text for d in driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog")]
+        assert not dialogs, dialogs
+    finally:
+        driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +214,16 @@ def proxied_page(proxied_explorer, tmp_path_factory):
         driver.quit()
 
 
-def _network(driver) -> tuple[list[str], list[tuple[int, str]]]:
-    """(every URL the page requested, (status, URL) of every response of 400 or more)."""
+def _network(driver, all_responses: bool = False) -> tuple[list[str], list[tuple[int, str]]]:
+    """(every URL the page requested, (status, URL) of every response of 400 or more, or of all of them)."""
     requested, failed = [], []
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         params = message.get("params", {})
         if message.get("method") == "Network.requestWillBeSent":
             requested.append(params["request"]["url"])
-        elif message.get("method") == "Network.responseReceived" and params["response"]["status"] >= 400:
+        elif message.get("method") == "Network.responseReceived" and (
+                all_responses or params["response"]["status"] >= 400):
             failed.append((params["response"]["status"], params["response"]["url"]))
     return requested, failed
 

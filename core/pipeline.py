@@ -45,6 +45,31 @@ def progress_bar(total: int, desc: str, unit: str, progress: bool):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress, leave=False)
 
 
+class RelaxBar:
+    """A tqdm bar on stderr fed by relax()'s `progress(done, total, step)` (directly, or for relaxations made in
+    other modules through `relax.relax_progress(bar)`): structures finished of those in the current relax() call,
+    and its FIRE step. A call with another total (the next relax()) starts the bar again."""
+
+    def __init__(self, desc: str, enabled: bool, unit: str = "crystal"):
+        self.desc, self.enabled, self.unit = desc, enabled, unit
+        self.bar = None
+
+    def __call__(self, done: int, total: int, step: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None or self.bar.total != total:
+            self.close()
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, leave=False)
+        self.bar.n = done
+        self.bar.set_postfix_str(f"FIRE step {step}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def chemical_system(structure: Structure) -> tuple[str, ...]:
     """Sorted element symbols: the key of a hull."""
     return tuple(sorted(el.symbol for el in structure.composition.elements))
@@ -78,8 +103,12 @@ class Relaxation:
 
 def relax_candidates(structures: Sequence[Structure], potential: LoadedPotential, fmax: float = FMAX_EV_PER_A,
                      max_steps: int = MAX_STEPS, primitive: bool = True, chunk: int = RELAX_CHUNK,
-                     progress: bool = False, desc: str = "relaxing") -> Relaxation:
+                     progress: bool = False, desc: str = "relaxing", fix_symmetry: bool = False,
+                     on_result=None) -> Relaxation:
     """relax() in chunks of `chunk` (a progress bar moves between them), with the hull references' settings.
+
+    `fix_symmetry`: under ASE's FixSymmetry (space group kept). `on_result(i, result)` as each structure i
+    (index into `structures`) has its result, for callers that store and show results one by one.
 
     With `primitive` each structure is relaxed in its primitive cell: generators write conventional cells (PyXtal's
     reach 80 atoms for 20 in the primitive cell), the potential's cost grows with the atoms, and energy per atom,
@@ -90,7 +119,8 @@ def relax_candidates(structures: Sequence[Structure], potential: LoadedPotential
     bar = progress_bar(len(structures), desc, "crystal", progress)
     for first in range(0, len(structures), chunk):
         part = [primitive_cell(s) if primitive else s for s in structures[first:first + chunk]]
-        results += relax(part, potential, fmax, max_steps)
+        report = None if on_result is None else (lambda i, result, first=first: on_result(first + i, result))
+        results += relax(part, potential, fmax, max_steps, fix_symmetry=fix_symmetry, on_result=report)
         bar.update(len(part))
     bar.close()
     return Relaxation(results, time.perf_counter() - start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import io
 import json
@@ -19,11 +20,14 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixSymmetry
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
 from ase.stress import full_3x3_to_voigt_6_stress
 from pymatgen.core import DummySpecies, Lattice, Structure
 from threadpoolctl import threadpool_limits
+
+from wyckoff_lab.core.defaults import SYMPREC
 
 from wyckoff_lab.core.paths import (
     DownloadError,
@@ -52,6 +56,11 @@ MATTERSIM_CACHE_DIR = "~/.local/mattersim/pretrained_models"
 MATTERSIM_URL = (
     f"https://raw.githubusercontent.com/microsoft/mattersim/main/pretrained_models/{MATTERSIM_CHECKPOINT_NAME}"
 )
+# A failed download of the checkpoint is remembered this long (cache_dir()/mattersim_probe.json): every command
+# used to try the host again, wait for its timeout and print the same warning.
+MATTERSIM_PROBE_TTL_S = 24 * 3600
+# FixSymmetry keeps the space group spglib finds at this tolerance: the one the candidate table shows as detected.
+FIX_SYMMETRY_SYMPREC = SYMPREC
 
 # Graphs per forward pass. On CPU large batches only cost memory: 32 generated Li-Mn-O cells (731 atoms, 3 CHGNet
 # FIRE steps, one thread) peaked at 12.3 GB in batches of 32 and took 109 s, against 6.6 GB / 32 s in batches of 8 and
@@ -82,6 +91,11 @@ class PotentialError(RuntimeError):
 
 class PotentialUnavailableError(PotentialError):
     """A potential cannot be had on this machine (package missing, no checkpoint and offline)."""
+
+
+class RememberedUnavailableError(PotentialUnavailableError):
+    """Unavailable for a reason an earlier process already found and warned about (the download host was
+    unreachable a short while ago): said again only at INFO level."""
 
 
 class DeviceError(PotentialError, ValueError):
@@ -121,8 +135,13 @@ class RelaxResult:
 
     `rmsd_to_start` (Å): root-mean-square atomic displacement, measured in fractional coordinates (minimum image,
     mean translation removed) and expressed in Å through the final lattice, so a pure cell strain counts as zero.
-    `max_force` (eV/Å) is the largest atomic force norm at the final structure; convergence itself is ASE's
-    criterion on the FrechetCellFilter forces (atomic forces and the cell's stress-derived forces) below fmax.
+    `max_force` (eV/Å) is the largest atomic force norm at the final structure. "converged" means both: that
+    atomic force below fmax (the criterion the user set), and, with a relaxed cell, ASE's criterion on the
+    FrechetCellFilter's generalised forces (the atomic forces mapped through the cell's deformation, and the
+    cell's stress-derived forces) below fmax too. ASE's criterion alone let max atomic forces of 0.054-0.12 eV/Å
+    pass as converged at fmax 0.05 (the deformation gradient scales the atomic rows).
+    `fix_symmetry`: relaxed under ASE's FixSymmetry (forces and stress symmetrised, the space group kept).
+    `forces` (eV/Å, n x 3) and `stress` (eV/Å^3, Voigt, ASE sign) at the final structure, None where unknown.
     """
 
     initial: Structure
@@ -138,6 +157,11 @@ class RelaxResult:
     rmsd_to_start: float  # Å
     wall_time_s: float
     cached: bool = False
+    fix_symmetry: bool = False
+    fmax: float = math.nan  # eV/Å, the atomic force criterion it was relaxed to
+    relax_cell: bool = True
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
 
     def summary(self) -> dict:
         """JSON-ready scalars (no structures); non-finite numbers become None so the output stays strict JSON."""
@@ -153,8 +177,23 @@ class RelaxResult:
             "rmsd_to_start_A": self.rmsd_to_start,
             "wall_time_s": self.wall_time_s,
             "cached": self.cached,
+            "fix_symmetry": self.fix_symmetry,
+            "fmax_eV_per_A": self.fmax,
+            "criterion": convergence_criterion(self.fmax, self.relax_cell, self.fix_symmetry),
         }
         return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+
+
+def convergence_criterion(fmax: float, relax_cell: bool = True, fix_symmetry: bool = False) -> str:
+    """What "converged" meant for a relaxation, in words the UI and the CLI show."""
+    text = f"max atomic force < {fmax:g} eV/Å" if math.isfinite(fmax) else "max atomic force < fmax"
+    if relax_cell:
+        text += " and cell (stress) forces of the Fréchet cell filter < fmax"
+    return text + (", symmetry kept (FixSymmetry)" if fix_symmetry else "")
+
+
+def _float_array(value) -> np.ndarray | None:
+    return None if value is None else np.asarray(value, dtype=float)
 
 
 @dataclass
@@ -220,6 +259,21 @@ def check_relax_settings(fmax: float, max_steps: int) -> tuple[float, int]:
     return float(fmax), int(max_steps)
 
 
+_PROGRESS: contextvars.ContextVar[Callable[[int, int, int], None] | None] = contextvars.ContextVar(
+    "relax_progress", default=None)
+
+
+@contextlib.contextmanager
+def relax_progress(report: Callable[[int, int, int], None]):
+    """Within the block, every relax() without its own `progress` reports `report(done, total, step)` after each
+    FIRE step: how a command shows a bar for relaxations made inside other modules (the hull's references)."""
+    token = _PROGRESS.set(report)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
 _LOADED: dict[tuple[str | None, str], LoadedPotential] = {}  # in-process model cache per (potential, device)
 _FALLBACK_WARNED = False
 
@@ -241,7 +295,8 @@ def load_potential(potential: str | None = None, device: str | None = None) -> L
             loaded = load_potential("mattersim", device)
         except PotentialUnavailableError as exc:
             if not _FALLBACK_WARNED:
-                log.warning("MatterSim is not available (%s); using CHGNet instead", exc)
+                level = logging.INFO if isinstance(exc, RememberedUnavailableError) else logging.WARNING
+                log.log(level, "MatterSim is not available (%s); using CHGNet instead", exc)
                 _FALLBACK_WARNED = True
             loaded = load_potential("chgnet", device)
     elif potential == "mattersim":
@@ -387,11 +442,46 @@ def mattersim_checkpoint() -> Path:
         return path
     path = Path(MATTERSIM_CACHE_DIR).expanduser() / MATTERSIM_CHECKPOINT_NAME
     if not path.is_file():
+        failed = _remembered_probe_failure()
+        if failed is not None:
+            raise RememberedUnavailableError(
+                f"no MatterSim checkpoint at {path}, and its download host was unreachable {failed} (not tried "
+                f"again for {MATTERSIM_PROBE_TTL_S // 3600} h; delete {_probe_path()} to retry now)")
         try:
             download(MATTERSIM_URL, path)
         except DownloadError as exc:
+            _remember_probe_failure(str(exc))
             raise PotentialUnavailableError(f"no MatterSim checkpoint at {path} and {exc}") from None
     return path
+
+
+def _probe_path() -> Path:
+    return cache_dir() / "mattersim_probe.json"
+
+
+def _remembered_probe_failure(now: float | None = None) -> str | None:
+    """'at <UTC time>' when a download of the MatterSim checkpoint failed less than MATTERSIM_PROBE_TTL_S ago,
+    else None (never tried, too long ago, or an unreadable note: then the host is tried again)."""
+    try:
+        data = json.loads(_probe_path().read_text())
+        failed_at = float(data["failed_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    now = time.time() if now is None else now
+    if not 0 <= now - failed_at < MATTERSIM_PROBE_TTL_S:
+        return None
+    return "at " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(failed_at))
+
+
+def _remember_probe_failure(reason: str) -> None:
+    try:
+        path = _probe_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"failed_at": time.time(), "url": MATTERSIM_URL, "reason": reason}))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache: the next process simply probes again
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -436,6 +526,9 @@ class _Run:
     status: str | None = None  # None while running
     message: str = ""
     wall_time_s: float = math.nan
+    forces: np.ndarray | None = None  # eV/Å, as the optimizer saw them (symmetrised under FixSymmetry)
+    stress: np.ndarray | None = None  # eV/Å^3, Voigt
+    settings: tuple[float, bool, bool] = (math.nan, True, False)  # fmax, relax_cell, fix_symmetry
 
     def finish(self, status: str, message: str = "") -> None:
         assert status in STATUSES, status
@@ -445,6 +538,7 @@ class _Run:
     def result(self, potential: LoadedPotential) -> RelaxResult:
         final = _to_structure(self.atoms, wrap=True) if self.atoms is not None else self.initial
         n_atoms = max(len(final), 1)
+        fmax, relax_cell, fix_symmetry = self.settings
         return RelaxResult(
             initial=self.initial,
             final=final,
@@ -458,17 +552,23 @@ class _Run:
             potential_identity=potential.identity,
             rmsd_to_start=_rmsd_to_start(self.initial, final) if len(final) else math.nan,
             wall_time_s=self.wall_time_s,
+            fix_symmetry=fix_symmetry, fmax=fmax, relax_cell=relax_cell,
+            forces=self.forces, stress=self.stress,
         )
 
 
-def _start(structure: Structure | Atoms, relax_cell: bool, cutoff: float | None = None) -> _Run:
+def _start(structure: Structure | Atoms, relax_cell: bool, cutoff: float | None = None, fmax: float = math.nan,
+           fix_symmetry: bool = False) -> _Run:
     """Set up a run; structures that cannot be relaxed come back already finished with a status.
 
     `cutoff` (Å): the potential's neighbour cutoff; an atom with no neighbour within it is "isolated_atoms".
+    `fix_symmetry`: ASE's FixSymmetry constraint (at FIX_SYMMETRY_SYMPREC) keeps the space group; with the cell
+    filter it symmetrises the stress too.
     """
     if isinstance(structure, Atoms):
         structure = _to_structure(structure)
-    run = _Run(initial=structure, atoms=None, optimizer=None, volume0=structure.volume)
+    run = _Run(initial=structure, atoms=None, optimizer=None, volume0=structure.volume,
+               settings=(fmax, relax_cell, fix_symmetry))
     if len(structure) == 0:
         run.finish("error", "empty structure")
     elif not structure.is_ordered:
@@ -484,6 +584,14 @@ def _start(structure: Structure | Atoms, relax_cell: bool, cutoff: float | None 
                    "cutoff: the energy would be a free atom's, not a crystal's; shrink the cell or the vacuum")
     else:
         run.atoms = _to_atoms(structure)
+        if fix_symmetry:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # FixSymmetry prints its symmetry report
+                    run.atoms.set_constraint(FixSymmetry(run.atoms, symprec=FIX_SYMMETRY_SYMPREC))
+            except Exception as exc:  # spglib finds no symmetry dataset: relaxing without it would lie
+                run.finish("error", f"FixSymmetry could not be set up ({type(exc).__name__}: {exc})")
+                run.atoms = None
+                return run
         optimizable = FrechetCellFilter(run.atoms) if relax_cell else run.atoms
         run.optimizer = FIRE(optimizable, logfile=None)
     return run
@@ -529,8 +637,14 @@ def _judge(run: _Run, ev: Evaluation | Exception, step: int, fmax: float, max_st
         if ev.stress is not None:
             results["stress"] = np.asarray(ev.stress, dtype=float)
         run.atoms.calc = SinglePointCalculator(run.atoms, **results)
+        if run.atoms.constraints:  # the forces the optimizer moves along: symmetrised by FixSymmetry
+            forces = run.atoms.get_forces()
+            run.max_force = float(np.linalg.norm(forces, axis=1).max())
+        run.forces = forces
+        run.stress = None if ev.stress is None else np.asarray(ev.stress, dtype=float)
         run.optimizer.fmax = fmax
-        if run.optimizer.gradient_converged(run.optimizer.optimizable.get_gradient()):
+        # Both: the atomic criterion the user set, and the filter's (which also holds the cell's forces).
+        if run.max_force < fmax and run.optimizer.gradient_converged(run.optimizer.optimizable.get_gradient()):
             run.finish("converged")
         elif step == max_steps:
             run.finish("not_converged", f"max_steps={max_steps} reached")
@@ -570,7 +684,8 @@ def _cell_filter_context():
 
 
 def _cache_path(
-    structure: Structure, potential: LoadedPotential, fmax: float, max_steps: int, relax_cell: bool
+    structure: Structure, potential: LoadedPotential, fmax: float, max_steps: int, relax_cell: bool,
+    fix_symmetry: bool = False,
 ) -> Path | None:
     """cache_dir()/relax/<sha256>.json keyed on the structure (rounded to 1e-6) and all settings; None: uncacheable."""
     if not potential.cacheable or not structure.is_ordered:
@@ -585,11 +700,16 @@ def _cache_path(
         "max_steps": max_steps,
         "relax_cell": relax_cell,
     }
+    if fix_symmetry:  # only when set, so the entries of free relaxations keep their keys
+        key["fix_symmetry"] = FIX_SYMMETRY_SYMPREC
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return cache_dir() / "relax" / f"{digest}.json"
 
 
-def _load_cached(path: Path | None, structure: Structure) -> RelaxResult | None:
+def _load_cached(path: Path | None, structure: Structure, fmax: float = math.nan, relax_cell: bool = True,
+                 fix_symmetry: bool = False) -> RelaxResult | None:
+    """The cached result, or None (no entry, an unreadable one, or a "converged" one written before the atomic
+    criterion was checked whose max atomic force is not below fmax: that one is relaxed again)."""
     t0 = time.perf_counter()
 
     def parse(data: dict) -> RelaxResult:
@@ -602,14 +722,21 @@ def _load_cached(path: Path | None, structure: Structure) -> RelaxResult | None:
         steps = entry_field(data, "steps", int)
         if steps < 0:
             raise ValueError(f"steps {steps} < 0")
+        forces, stress = data.get("forces"), data.get("stress")  # absent from entries of older versions
+        if forces is not None and np.shape(forces) != (len(final), 3):
+            raise ValueError(f"forces of shape {np.shape(forces)} for {len(final)} atoms")
         return RelaxResult(
             initial=structure, final=final, status=status, steps=steps,
             **{k: entry_field(data, k, float) for k in ("energy", "energy_per_atom", "max_force", "rmsd_to_start")},
             **{k: entry_field(data, k, str) for k in ("message", "potential", "potential_identity")},
-            wall_time_s=time.perf_counter() - t0, cached=True,
+            wall_time_s=time.perf_counter() - t0, cached=True, fix_symmetry=fix_symmetry, fmax=fmax,
+            relax_cell=relax_cell, forces=_float_array(forces), stress=_float_array(stress),
         )
 
-    return read_cache_entry(path, RELAX_CACHE_VERSION, parse, "relax cache entry")
+    result = read_cache_entry(path, RELAX_CACHE_VERSION, parse, "relax cache entry")
+    if result is not None and result.status == "converged" and not result.max_force < fmax:
+        return None
+    return result
 
 
 def _store_cached(path: Path | None, result: RelaxResult) -> None:
@@ -628,15 +755,17 @@ def _store_cached(path: Path | None, result: RelaxResult) -> None:
         "potential_identity": result.potential_identity,
         "rmsd_to_start": result.rmsd_to_start,
         "final": result.final.as_dict(),
+        "forces": None if result.forces is None else np.asarray(result.forces, dtype=float).tolist(),
+        "stress": None if result.stress is None else np.asarray(result.stress, dtype=float).tolist(),
     })
 
 
 def cached_flags(
     structures: Iterable[Structure], potential: LoadedPotential, fmax: float = 0.05, max_steps: int = 500,
-    relax_cell: bool = True,
+    relax_cell: bool = True, fix_symmetry: bool = False,
 ) -> list[bool]:
     """Per structure, whether relax() with these settings has a cache entry for it (a quick look, not a read)."""
-    paths = [_cache_path(s, potential, fmax, max_steps, relax_cell) for s in structures]
+    paths = [_cache_path(s, potential, fmax, max_steps, relax_cell, fix_symmetry) for s in structures]
     return [path is not None and path.is_file() for path in paths]
 
 
@@ -648,8 +777,16 @@ def relax(
     relax_cell: bool = True,
     device: str | None = None,
     cache: bool = True,
+    fix_symmetry: bool = False,
+    on_result: Callable[[int, RelaxResult], None] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> list[RelaxResult]:
     """Relax one structure or many with FIRE (cell too, via FrechetCellFilter unless relax_cell=False).
+
+    `fix_symmetry`: under ASE's FixSymmetry, so the space group is kept (part of the cache key).
+    `on_result(i, result)` is called as soon as structure i has its result (cached ones first), so a caller can
+    store and show each one without waiting for the batch. `progress(done, total, step)` after every FIRE step
+    (default: the one set with `relax_progress`, for callers that relax through other modules, e.g. the hull).
 
     fmax in eV/Å; max_steps FIRE steps (0 = single point). All unfinished structures are evaluated together each
     step (batched for CHGNet and MatterSim). Never raises for a bad structure: its result carries a status.
@@ -659,20 +796,29 @@ def relax(
     fmax, max_steps = check_relax_settings(fmax, max_steps)
     if isinstance(structures, Structure | Atoms):
         structures = [structures]
+    progress = progress or _PROGRESS.get()
     pot = resolve_potential(potential, device)
-    runs = [_start(s, relax_cell, pot.cutoff) for s in structures]
+    runs = [_start(s, relax_cell, pot.cutoff, fmax, fix_symmetry) for s in structures]
     results: list[RelaxResult | None] = [None] * len(runs)
     # Structures _start already judged (too close, isolated) need no cache: that check is instant, and it must win
     # over an entry an older version wrote for them.
-    paths = [_cache_path(run.initial, pot, fmax, max_steps, relax_cell) if cache and run.status is None else None
-             for run in runs]
+    paths = [_cache_path(run.initial, pot, fmax, max_steps, relax_cell, fix_symmetry)
+             if cache and run.status is None else None for run in runs]
     for i, run in enumerate(runs):
-        results[i] = _load_cached(paths[i], run.initial)
+        results[i] = _load_cached(paths[i], run.initial, fmax, relax_cell, fix_symmetry)
         if results[i] is not None:
             run.finish(results[i].status, results[i].message)
+        elif run.status is not None:  # judged at the start (too close, isolated): its result is final already
+            results[i] = run.result(pot)
+        if results[i] is not None and on_result is not None:
+            on_result(i, results[i])
     t0 = time.perf_counter()
     next_report = PROGRESS_EVERY_STEPS
     index = {id(run): i for i, run in enumerate(runs)}
+    done = sum(r is not None for r in results)
+    if progress is not None:
+        progress(done, len(runs), 0)
+    last_step = -1
     for run in _fire(runs, pot, fmax, max_steps, relax_cell):
         if run.status is not None:
             # Cached as soon as it finishes, not when the whole batch has: an interrupted long batch (a benchmark,
@@ -680,6 +826,12 @@ def relax(
             i = index[id(run)]
             results[i] = run.result(pot)
             _store_cached(paths[i], results[i])
+            done += 1
+            if on_result is not None:
+                on_result(i, results[i])
+        if progress is not None and (run.status is not None or run.steps != last_step):
+            progress(done, len(runs), run.steps)
+            last_step = run.steps
         if run.steps >= next_report:  # long batches (hull references) say how far they are
             log.info("step %d: %d of %d structures still relaxing (%.0f s)", run.steps,
                      sum(r.status is None for r in runs), len(runs), time.perf_counter() - t0)
@@ -688,6 +840,8 @@ def relax(
         if results[i] is None:
             results[i] = run.result(pot)
             _store_cached(paths[i], results[i])
+            if on_result is not None:
+                on_result(i, results[i])
     n_computed = sum(not r.cached for r in results)
     log.info("relaxed %d structures with %s in %.1f s (%d from cache)", n_computed, pot.name,
              time.perf_counter() - t0, len(runs) - n_computed)
@@ -702,6 +856,7 @@ def relax_frames(
     relax_cell: bool = True,
     device: str | None = None,
     cache: bool = True,
+    fix_symmetry: bool = False,
 ) -> Iterator[RelaxFrame]:
     """Relax one structure, yielding a RelaxFrame per FIRE step for live display; the last frame carries `result`.
 
@@ -709,9 +864,10 @@ def relax_frames(
     """
     fmax, max_steps = check_relax_settings(fmax, max_steps)
     pot = resolve_potential(potential, device)
-    run = _start(structure, relax_cell, pot.cutoff)
-    path = _cache_path(run.initial, pot, fmax, max_steps, relax_cell) if cache and run.status is None else None
-    result = _load_cached(path, run.initial)
+    run = _start(structure, relax_cell, pot.cutoff, fmax, fix_symmetry)
+    path = (_cache_path(run.initial, pot, fmax, max_steps, relax_cell, fix_symmetry)
+            if cache and run.status is None else None)
+    result = _load_cached(path, run.initial, fmax, relax_cell, fix_symmetry)
     if result is None:
         for run in _fire([run], pot, fmax, max_steps, relax_cell):
             if run.status is None:

@@ -219,9 +219,113 @@ def structure_hash(structure: Structure, decimals: int = 6) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+CIF_SYMPREC = 0.1  # Å: the tolerance the app detects candidates' space groups with (core.defaults.SYMPREC)
+
+
+def symmetrized_cif(structure: Structure, symprec: float = CIF_SYMPREC) -> tuple[str, str]:
+    """(CIF text, note): the structure written with its symmetry (pymatgen's CifWriter at `symprec`: the space
+    group, its operations and the asymmetric unit of the refined conventional cell) plus an
+    `_atom_site_Wyckoff_symbol` column (the letter, e.g. a; multiplicity is in its own column). The note says which group was written,
+    or why it fell back to P 1 (symmetry detection failed): the P 1 file then holds every atom as it was.
+    """
+    from pymatgen.io.cif import CifWriter
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            writer = CifWriter(structure, symprec=symprec)
+            number = SpacegroupAnalyzer(structure, symprec=symprec).get_space_group_number()
+            _add_wyckoff_column(writer, symprec)
+            return str(writer), f"space group {number} (spglib, symprec {symprec:g} Å)"
+        except Exception as exc:  # spglib finds no dataset for degenerate cells
+            return str(CifWriter(structure)), f"P 1: symmetry detection failed ({type(exc).__name__}: {exc})"
+
+
+def _add_wyckoff_column(writer, symprec: float) -> None:
+    """Add `_atom_site_Wyckoff_symbol` to a symmetrised CifWriter's atom-site loop, each row's symbol found by
+    locating its coordinates among the refined structure's symmetry-equivalent sites."""
+    from pymatgen.core import Lattice
+    from pymatgen.core.operations import SymmOp
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    block = next(iter(writer.cif_file.data.values()))
+    data = block.data
+    lattice = Lattice.from_parameters(*(float(data[f"_cell_{k}"]) for k in (
+        "length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma")))
+    coords = np.array([[float(data[f"_atom_site_fract_{axis}"][i]) for axis in "xyz"]
+                       for i in range(len(data["_atom_site_label"]))])
+    species = list(data["_atom_site_type_symbol"])
+    ops = [SymmOp.from_xyz_str(op) for op in data["_symmetry_equiv_pos_as_xyz"]]
+    full_species, full_coords, row_of = [], [], []
+    for row, (specie, xyz) in enumerate(zip(species, coords)):  # the asymmetric unit expanded, row by row
+        seen: list[np.ndarray] = []
+        for op in ops:
+            image = np.mod(op.operate(xyz), 1.0)
+            if not any(np.allclose(np.mod(image - other + 0.5, 1.0) - 0.5, 0, atol=1e-3) for other in seen):
+                seen.append(image)
+        full_species += [specie] * len(seen)
+        full_coords += seen
+        row_of += [row] * len(seen)
+    expanded = Structure(lattice, full_species, full_coords)
+    symmetrized = SpacegroupAnalyzer(expanded, symprec=symprec).get_symmetrized_structure()
+    symbols = [""] * len(species)
+    for indices, symbol in zip(symmetrized.equivalent_indices, symmetrized.wyckoff_symbols):
+        for index in indices:
+            symbols[row_of[index]] = symbol.lstrip("0123456789")  # the letter; multiplicity has its column
+    data["_atom_site_Wyckoff_symbol"] = symbols
+    for loop in block.loops:
+        if "_atom_site_label" in loop:
+            loop.insert(loop.index("_atom_site_symmetry_multiplicity") + 1
+                        if "_atom_site_symmetry_multiplicity" in loop else len(loop), "_atom_site_Wyckoff_symbol")
+
+
+def safe_extxyz_info(info: dict) -> dict:
+    """`info` as ASE's extxyz writer can write it so that it reads back: None and empty strings are left out (an
+    empty value is written bare, `key= next=1`, and read as `key='next=1'`, swallowing the next field), and a
+    string that would not read back as itself (backslashes and escaped quotes are mangled; "T" or "1.5" come back
+    as a bool or a number) is written hex-encoded, `hex:<UTF-8 bytes in hex>`, under `<key>_hex` instead
+    (base64's `=` padding is itself misread, and bare hex digits are read as a number)."""
+    out = {}
+    for key, value in info.items():
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if isinstance(value, str) and not _extxyz_reads_back(value):
+            out[f"{key}_hex"] = "hex:" + value.encode().hex()
+            continue
+        out[key] = value
+    return out
+
+
+def _extxyz_reads_back(value: str) -> bool:
+    """Whether ASE writes and reads the string `value` as one info field unchanged (tried on a one-atom frame)."""
+    import io
+
+    from ase import Atoms
+    from ase.io import read, write
+
+    probe = Atoms("H", cell=[1, 1, 1], pbc=True, info={"probe": value})
+    buffer = io.StringIO()
+    write(buffer, [probe], format="extxyz")
+    buffer.seek(0)
+    return read(buffer, format="extxyz").info.get("probe") == value
+
+
+def write_extxyz(target, frames) -> None:
+    """Write ASE frames as extxyz (a path or a text buffer) with `safe_extxyz_info` applied to every frame, so
+    that `ase.io.read(target, index=":")` gives back every info field written, and energy/forces/stress where a
+    frame carries them as calculator results."""
+    from ase.io import write
+
+    for atoms in frames:
+        cleaned = safe_extxyz_info(atoms.info)
+        atoms.info.clear()
+        atoms.info.update(cleaned)
+    write(target, frames, format="extxyz")
+
+
 def write_candidates(candidates, folder: Path) -> str:
     """Write generated candidates: one CIF each, all frames in one extxyz, and their metadata as JSON."""
-    from ase.io import write
     from pymatgen.io.ase import AseAtomsAdaptor
 
     folder = Path(folder)
@@ -239,6 +343,6 @@ def write_candidates(candidates, folder: Path) -> str:
         frames.append(atoms)
         records.append({"name": name, **candidate.as_dict()})
     if frames:
-        write(folder / "candidates.extxyz", frames, format="extxyz")
+        write_extxyz(folder / "candidates.extxyz", frames)
     (folder / "candidates.json").write_text(json.dumps(records, default=str))
     return str(folder)

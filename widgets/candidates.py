@@ -22,7 +22,18 @@ def summary_text(records: list[dict]) -> str:
     text = f"{s['n']} candidates · {s['valid']} valid · {s['novel']} novel · {s['relaxed']} relaxed"
     if s["relaxed"]:
         text += f" · {s['on_hull']} on the hull · {s['metastable']} within 0.1 eV/atom"
+        text += f" · {s['sym_changed']} changed space group · {s['duplicates']} duplicates · {s['sun']} S.U.N."
     return text
+
+
+def remember_table_scope(context, sid: str | None, selected, filtered):
+    """Store the table's ticked and filtered row ids in the session (what "Relax selected" / "Relax filtered"
+    relax); returns the note shown under the table."""
+    if not sid:
+        return no_update
+    context.sessions.set(sid, "table/selected", list(selected or []))
+    context.sessions.set(sid, "table/filtered", list(filtered or []))
+    return f"{len(selected)} ticked for “Relax selected”" if selected else ""
 
 
 class CandidateTable(Widget):
@@ -42,13 +53,27 @@ class CandidateTable(Widget):
             ], className="wl-row wl-spread"),
             dcc.Download(id=self.id("download")),
             html.Div(id=self.id("export-message"), className="wl-note"),
+            html.Div(id=self.id("scope-note"), className="wl-note"),
             dash_table.DataTable(
                 id=self.id("table"), columns=columns, data=[], page_size=12, sort_action="native",
-                filter_action="native", sort_mode="multi", row_selectable=False, cell_selectable=True,
+                filter_action="native", sort_mode="multi", row_selectable="multi", selected_rows=[],
+                cell_selectable=True,
                 style_table={"overflowX": "auto"}, style_header={"fontWeight": "bold"},
                 style_cell={"fontSize": 13, "padding": "3px 8px", "textAlign": "left", "cursor": "pointer"},
                 style_data_conditional=[],
-                tooltip_header={"valid": "ok = no atoms closer than 0.5 Å and SMACT charge-neutral",
+                tooltip_header={"natoms": "atoms in the cell as generated (the conventional cell; the "
+                                          "primitive cell of a centred lattice has 1/2 to 1/4 of them)",
+                                "sg_label": "space group spglib (0.1 Å) finds in the generated structure",
+                                "relaxed_sg_label": "space group spglib (0.1 Å) finds after relaxation; "
+                                                    "'changed' where it differs from the generated one",
+                                "relaxed_novel_label": "relaxed structure: no StructureMatcher match in MP-20",
+                                "unique_label": "relaxed structure: not a StructureMatcher match of an earlier "
+                                                "relaxed candidate",
+                                "sun_label": "stable (E hull < 0.1 eV/atom), unique and novel after relaxation",
+                                "relax_label": "status · whether symmetry was kept (FixSymmetry) or free; "
+                                               "converged = max atomic force < fmax and the cell's stress forces "
+                                               "< fmax",
+                                "valid": "ok = no atoms closer than 0.5 Å and SMACT charge-neutral",
                                 "symmetry": "whether spglib (0.1 Å) finds the space group the generator sampled",
                                 "novel_label": "no StructureMatcher match in MP-20 (all splits)",
                                 "e_above_hull": "energy above the ML convex hull of the chemical system"}),
@@ -84,11 +109,29 @@ class CandidateTable(Widget):
                       {"if": {"filter_query": '{symmetry} contains "found"', "column_id": "symmetry"},
                        "color": "#8a5a00"},
                       {"if": {"filter_query": "{novel_label} = novel", "column_id": "novel_label"},
+                       "color": "#007a5a", "fontWeight": "bold"},
+                      {"if": {"filter_query": '{relaxed_sg_label} contains "changed"',
+                              "column_id": "relaxed_sg_label"}, "color": "#8a5a00"},
+                      {"if": {"filter_query": "{unique_label} = duplicate", "column_id": "unique_label"},
+                       "color": "#b00020"},
+                      {"if": {"filter_query": '{sun_label} = "S.U.N."', "column_id": "sun_label"},
                        "color": "#007a5a", "fontWeight": "bold"}]
             if selected:
                 styles.append({"if": {"filter_query": f'{{id}} = "{selected}"'},
                                "backgroundColor": "#e8f4ff", "fontWeight": "bold"})
             return styles
+
+        @app.callback(
+            Output(self.id("scope-note"), "children"),
+            Input(self.id("table"), "selected_row_ids"),
+            Input(self.id("table"), "derived_virtual_row_ids"),
+            State(self.links.session, "data"),
+            prevent_initial_call=True,
+        )
+        def remember_scope(selected, filtered, session):
+            """Keep the ticked rows and the rows the filter shows in the session: "Relax selected" and "Relax
+            filtered" relax those."""
+            return remember_table_scope(context, (session or {}).get("sid"), selected, filtered)
 
         @app.callback(
             Output(self.id("download"), "data"),

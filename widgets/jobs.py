@@ -333,9 +333,23 @@ def generation_message(summary: dict, generator: str) -> str:
 # -- relaxation -----------------------------------------------------------------------------------------------------
 
 
+FIX_SYMMETRY_KEY = "relax/fix_symmetry"  # the session's "keep symmetry" choice (the relax panel's checkbox)
+TABLE_SCOPE_KEY = "table/{}"  # the candidate table's "selected" / "filtered" row ids, as the table last showed them
+STATUS_BATCH_KEY = "relax/status_batch"  # the candidate set the relax panel's status line speaks of
+
+
 def _relax_fields(result) -> dict:
-    """What a record keeps of a RelaxResult (plain values; the relaxed structure as a dict)."""
+    """What a record keeps of a RelaxResult (plain values; the relaxed structure as a dict): status, energies,
+    the final forces and stress (for the extxyz export), the space group spglib finds after relaxation, whether
+    symmetry was kept (FixSymmetry) and the convergence criterion as it was applied."""
+    from wyckoff_lab.core.relax import convergence_criterion
+    from wyckoff_lab.widgets.records import relaxed_spacegroup
+
     usable = result.status in USABLE
+    forces = getattr(result, "forces", None)
+    stress = getattr(result, "stress", None)
+    fmax = getattr(result, "fmax", math.nan)
+    fix_symmetry = bool(getattr(result, "fix_symmetry", False))
     return {
         "relax_status": result.status,
         "relax_message": result.message,
@@ -345,9 +359,18 @@ def _relax_fields(result) -> dict:
         "max_force": result.max_force if math.isfinite(result.max_force) else None,
         "relax_steps": result.steps,
         "relaxed_structure": result.final.as_dict() if usable else None,
+        "relaxed_spacegroup": relaxed_spacegroup(result.final) if usable else None,
+        "relax_fix_symmetry": fix_symmetry,
+        "relax_fmax": fmax if math.isfinite(fmax) else None,
+        "relax_criterion": convergence_criterion(fmax, getattr(result, "relax_cell", True), fix_symmetry),
+        "forces": [[float(x) for x in row] for row in forces] if usable and forces is not None else None,
+        "stress": [float(x) for x in stress] if usable and stress is not None else None,
         "potential": result.potential,
         "potential_identity": result.potential_identity,
         "e_above_hull": None,
+        # judged again after relaxation (judge_relaxed); until then unknown
+        "relaxed_unique": None, "unique_label": "", "relaxed_novel": None, "relaxed_novel_label": "",
+        "sun": None, "sun_label": "",
     }
 
 
@@ -358,12 +381,36 @@ def _potential(context: LabContext):
         raise JobError(f"No potential to relax with: {exc}") from None
 
 
+def fix_symmetry_choice(context: LabContext, session: str) -> bool:
+    """Whether the session relaxes under FixSymmetry (the relax panel's checkbox; off unless ticked)."""
+    return bool(context.sessions.get(session, FIX_SYMMETRY_KEY) or False)
+
+
+def judge_relaxed(context: LabContext, session: str, batch: str | None = None,
+                  unless: Callable[[], bool] | None = None) -> dict:
+    """Uniqueness among the relaxed candidates, their novelty against MP-20 and S.U.N. flags, judged on the
+    relaxed structures (`records.post_relaxation_flags`), stored in the records. Returns counts."""
+    from wyckoff_lab.widgets.records import post_relaxation_flags
+
+    records = context.sessions.candidates(session)
+    flags = post_relaxation_flags(records, context.references())
+    if flags:
+        context.sessions.update_candidates(session, flags, batch=batch, unless=unless)
+    return {"duplicates": sum(not f["relaxed_unique"] for f in flags.values()),
+            "relaxed_novel": sum(f["relaxed_novel"] is True for f in flags.values()),
+            "sun": sum(f["sun"] is True for f in flags.values()),
+            "sun_known": sum(f["sun"] is not None for f in flags.values())}
+
+
 def relax_one(context: LabContext, session: str, candidate_id: str | None,
-              on_frame: Callable[[object, list[dict]], None], cancelled: Callable[[], bool] = _never) -> dict:
+              on_frame: Callable[[object, list[dict]], None], cancelled: Callable[[], bool] = _never,
+              fix_symmetry: bool | None = None) -> dict:
     """Relax one candidate, calling `on_frame(frame, history)` for every FIRE step (history: step, energy, force).
 
-    The result is stored in the candidate's record (and placed on the session's hull when one exists). Once
-    `cancelled()` is True, no further frame is reported and nothing is stored: JobCancelled says so.
+    The result is stored in the candidate's record (and placed on the session's hull when one exists), then
+    uniqueness, novelty and S.U.N. are judged again on the relaxed structures. Once `cancelled()` is True, no
+    further frame is reported and nothing is stored: JobCancelled says so. `fix_symmetry` None: the session's
+    choice.
     """
     from wyckoff_lab.core.relax import relax_frames
 
@@ -371,8 +418,11 @@ def relax_one(context: LabContext, session: str, candidate_id: str | None,
     if record is None:
         raise JobError("Select a candidate in the table first")
     batch = context.sessions.batch(session)
+    context.sessions.set(session, STATUS_BATCH_KEY, batch)
     potential = _potential(context)
     settings = context.settings
+    if fix_symmetry is None:
+        fix_symmetry = fix_symmetry_choice(context, session)
     history: list[dict] = []
     final = None
     label = f"#{record['label']}"
@@ -386,7 +436,7 @@ def relax_one(context: LabContext, session: str, candidate_id: str | None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for frame in relax_frames(Structure.from_dict(record["structure"]), potential, fmax=settings.relax_fmax,
-                                  max_steps=settings.relax_max_steps):
+                                  max_steps=settings.relax_max_steps, fix_symmetry=fix_symmetry):
             if cancelled():
                 raise stop(frame.step)
             if math.isfinite(frame.energy_per_atom):
@@ -403,71 +453,167 @@ def relax_one(context: LabContext, session: str, candidate_id: str | None,
     stored = context.sessions.update_candidates(session, {record["id"]: fields}, batch=batch, unless=cancelled)
     if not stored and cancelled():
         raise stop(result.steps)
+    judged = judge_relaxed(context, session, batch, cancelled) if stored else {}
+    mine = context.sessions.candidate(session, record["id"]) or {}
     return {"id": record["id"], "status": result.status, "message": result.message, "steps": result.steps,
             "energy_per_atom": result.energy_per_atom, "max_force": result.max_force,
-            "e_above_hull": fields.get("e_above_hull"), "cached": result.cached}
+            "e_above_hull": fields.get("e_above_hull"), "cached": result.cached, "fmax": settings.relax_fmax,
+            "fix_symmetry": fix_symmetry, "generated_spacegroup": record.get("spacegroup")
+            or record.get("intended_spacegroup"), "relaxed_spacegroup": fields["relaxed_spacegroup"],
+            "relaxed_unique": mine.get("relaxed_unique"), "relaxed_novel": mine.get("relaxed_novel"),
+            "sun": mine.get("sun"), "judged": judged}
 
 
 def relax_message(summary: dict) -> str:
+    """The relax panel's status line for one relaxation: what "converged" was judged on, the space group before
+    and after, and how symmetry was treated."""
+    number = summary["id"][1:].lstrip("0")
     if summary["status"] in USABLE:
-        text = (f"Relaxed #{summary['id'][1:].lstrip('0')}: {summary['status'].replace('_', ' ')} after "
+        fmax = summary.get("fmax")
+        criterion = f" (fmax {fmax:g} eV/Å on atoms; cell stress included)" if fmax else ""
+        text = (f"Relaxed #{number}: {summary['status'].replace('_', ' ')}{criterion} after "
                 f"{summary['steps']} steps, E = {summary['energy_per_atom']:.4f} eV/atom, "
-                f"max force {summary['max_force']:.3f} eV/Å")
+                f"max atomic force {summary['max_force']:.3f} eV/Å")
         if summary.get("e_above_hull") is not None:
             text += f", {1000 * summary['e_above_hull']:.0f} meV/atom above the hull"
+        before, after = summary.get("generated_spacegroup"), summary.get("relaxed_spacegroup")
+        if "fix_symmetry" in summary:
+            sym = "symmetry kept (FixSymmetry)" if summary["fix_symmetry"] else "symmetry free"
+            if before and after and before != after:
+                text += f"; {sym}: space group {before} → {after}"
+            elif after:
+                text += f"; {sym}: space group {after}"
+        if summary.get("relaxed_unique") is False:
+            text += "; a duplicate of another relaxed candidate"
+        if summary.get("relaxed_novel") is False:
+            text += "; relaxed into an MP-20 phase"
         return text + (" (from cache)" if summary.get("cached") else "")
-    return (f"Relaxation of #{summary['id'][1:].lstrip('0')} stopped: {summary['status'].replace('_', ' ')} — "
+    return (f"Relaxation of #{number} stopped: {summary['status'].replace('_', ' ')} — "
             f"{summary['message']}. The generated structure is kept.")
 
 
-def relax_all(context: LabContext, session: str, progress: Progress = _no_progress, build_hull: bool = True,
-              cancelled: Callable[[], bool] = _never) -> dict:
-    """Relax every candidate not yet relaxed, in batches (progress after each), then place all on the hull.
+def eta_label(done: int, total: int, seconds: float, computed: int) -> str:
+    """'12 of 99 relaxed · 6.1 s each · about 9 min left': the ETA from the measured seconds per structure
+    relaxed so far (cached ones cost nothing and are left out of the rate)."""
+    text = f"{done} of {total} relaxed"
+    if computed and done < total:
+        each = seconds / computed
+        left = each * (total - done)
+        text += f" · {each:.1f} s each · about {_duration(left)} left"
+    return text
 
-    Once `cancelled()` is True it stops before the next batch (a batch that finishes later is not stored): the
-    batches stored before stay, and JobCancelled says how many that is.
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def relax_scope(context: LabContext, session: str, scope: str = "all") -> list[dict]:
+    """The records a relax-all job works on: "all" (every one not yet relaxed), "selected" or "filtered" (the
+    rows the candidate table last had selected / shown under its filter, not yet relaxed)."""
+    records = context.sessions.candidates(session)
+    if scope == "all":
+        return [r for r in records if not r.get("relax_status")]
+    if scope not in ("selected", "filtered"):
+        raise JobError(f"Unknown relaxation scope {scope!r}")
+    ids = context.sessions.get(session, TABLE_SCOPE_KEY.format(scope))
+    if not ids:
+        raise JobError("No rows selected in the table: tick some rows first" if scope == "selected" else
+                       "The table's filter shows no rows")
+    wanted = set(ids)
+    return [r for r in records if r["id"] in wanted and not r.get("relax_status")]
+
+
+def relax_all(context: LabContext, session: str, progress: Progress = _no_progress, build_hull: bool = True,
+              cancelled: Callable[[], bool] = _never, scope: str = "all", fix_symmetry: bool | None = None,
+              on_update: Callable[[int], None] | None = None) -> dict:
+    """Relax the candidates of `scope` (see relax_scope) not yet relaxed, then place all on the hull and judge
+    uniqueness, novelty and S.U.N. on the relaxed structures.
+
+    Each structure's result is written to the session's records as soon as it is relaxed; `progress` then gets
+    the count and an ETA, and `on_update(done)` is called (the panel bumps the table's revision on it). Once
+    `cancelled()` is True nothing more is stored: what was stored before stays, and JobCancelled says how many.
     """
     from wyckoff_lab.core.pipeline import relax_candidates
 
-    records = context.sessions.candidates(session)
-    if not records:
+    if not context.sessions.candidates(session):
         raise JobError("Generate candidates first")
     batch = context.sessions.batch(session)
+    context.sessions.set(session, STATUS_BATCH_KEY, batch)
+    todo = relax_scope(context, session, scope)
     potential = _potential(context)
-    todo = [r for r in records if not r.get("relax_status")]
+    if fix_symmetry is None:
+        fix_symmetry = fix_symmetry_choice(context, session)
     settings = context.settings
     t0 = time.perf_counter()
+    state = {"done": 0, "computed": 0, "seconds": 0.0}
 
     def stop(done: int) -> JobCancelled:
         return JobCancelled(f"Relax all cancelled: {done} of {len(todo)} candidates were relaxed before the cancel "
                             "and are kept; the others are as generated")
 
+    def store(i: int, result) -> None:
+        if cancelled():
+            raise stop(state["done"])
+        changed = context.sessions.update_candidates(session, {todo[i]["id"]: _relax_fields(result)}, batch=batch,
+                                                     unless=cancelled)
+        if not changed:
+            if cancelled():
+                raise stop(state["done"])
+            raise JobError("A new candidate set was generated meanwhile; relaxation stopped")
+        state["done"] += 1
+        state["computed"] += not result.cached
+        if on_update is not None:
+            on_update(state["done"])
+        progress(state["done"], len(todo), eta_label(state["done"], len(todo), time.perf_counter() - t0,
+                                                     state["computed"]) + f" with {potential.name}")
+
+    if cancelled():
+        raise stop(0)
+    progress(0, max(len(todo), 1), f"relaxing {len(todo)} candidates with {potential.name}"
+             + (" (symmetry kept)" if fix_symmetry else ""))
     for start in range(0, len(todo), RELAX_CHUNK):
         if cancelled():
-            raise stop(start)
+            raise stop(state["done"])
         chunk = todo[start:start + RELAX_CHUNK]
-        progress(start, len(todo), f"relaxing candidates {start + 1}–{start + len(chunk)} of {len(todo)} "
-                 f"with {potential.name}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # The cell as generated, not the primitive one: the record keeps its atom count, and the 3D view and
             # the export show the relaxed form of the cell the user saw.
-            results = relax_candidates([Structure.from_dict(r["structure"]) for r in chunk], potential,
-                                       settings.relax_fmax, settings.relax_max_steps, primitive=False).results
-        changed = context.sessions.update_candidates(
-            session, {r["id"]: _relax_fields(res) for r, res in zip(chunk, results)}, batch=batch, unless=cancelled)
-        if not changed:
-            if cancelled():
-                raise stop(start)
-            raise JobError("A new candidate set was generated meanwhile; relaxation stopped")
+            relax_candidates([Structure.from_dict(r["structure"]) for r in chunk], potential, settings.relax_fmax,
+                             settings.relax_max_steps, primitive=False, fix_symmetry=fix_symmetry,
+                             on_result=lambda i, result, start=start: store(start + i, result))
     progress(len(todo), max(len(todo), 1), "relaxation done")
     if cancelled():
         raise JobCancelled(f"Relax all cancelled after relaxing all {len(todo)} candidates (kept); the hull was "
                            "not built")
-    summary = {"relaxed": len(todo), "seconds": time.perf_counter() - t0}
-    if build_hull:
-        summary.update(hull_for_session(context, session, progress, cancelled))
+    summary = {"relaxed": len(todo), "seconds": time.perf_counter() - t0, "fix_symmetry": fix_symmetry,
+               "scope": scope}
+    try:
+        if build_hull:
+            summary.update(hull_for_session(context, session, progress, cancelled))
+    finally:
+        if not cancelled():  # duplicates and novelty after relaxation, S.U.N. once on the hull
+            progress(len(todo), max(len(todo), 1), "judging uniqueness and novelty of the relaxed structures")
+            summary.update(judge_relaxed(context, session, batch, cancelled))
+    if on_update is not None:
+        on_update(len(todo))
     return summary
+
+
+def relax_all_message(summary: dict) -> str:
+    """The "Relax all" status line: the hull's line, then symmetry treatment, duplicates and S.U.N. after
+    relaxation."""
+    text = hull_message(summary) if "hull_from_cache" in summary else \
+        f"Relaxed {summary['relaxed']} candidates in {summary['seconds']:.0f} s"
+    text += " · symmetry kept (FixSymmetry)" if summary.get("fix_symmetry") else " · symmetry free"
+    if "duplicates" in summary:
+        text += (f" · after relaxation: {summary['duplicates']} duplicates, {summary['relaxed_novel']} novel vs "
+                 f"MP-20, {summary['sun']} S.U.N. (E hull < 0.1 eV/atom) of {summary['sun_known']} on the hull")
+    return text
 
 
 # -- hull -------------------------------------------------------------------------------------------------------------

@@ -19,16 +19,23 @@ from wyckoff_lab.core.symmetry import spacegroup
 TABLE_COLUMNS = (
     ("label", "#", "text"),
     ("formula", "formula", "text"),
-    ("sg_label", "space group", "text"),
-    ("natoms", "atoms", "numeric"),
+    ("sg_label", "space group (generated)", "text"),
+    ("relaxed_sg_label", "space group (relaxed)", "text"),
+    # The cell as generated (conventional, e.g. 4x the atoms of an F-centred primitive cell): what the 3D view,
+    # the relaxation and the exports hold.
+    ("natoms", "atoms (conv. cell)", "numeric"),
     ("valid", "valid", "text"),
     ("symmetry", "symmetry", "text"),
-    ("novel_label", "novel", "text"),
+    ("novel_label", "novel (generated)", "text"),
+    ("relaxed_novel_label", "novel (relaxed)", "text"),
+    ("unique_label", "unique (relaxed)", "text"),
+    ("sun_label", "S.U.N.", "text"),
     ("energy_per_atom", "E (eV/atom)", "numeric"),
     ("e_above_hull", "E hull (eV/atom)", "numeric"),
-    ("relax_status", "relaxation", "text"),
+    ("relax_label", "relaxation", "text"),
     ("generator", "generator", "text"),
 )
+SUN_THRESHOLD_EV = 0.1  # eV/atom: "metastable" in the table's S.U.N. flag (sun_metrics' M.S.U.N. threshold)
 
 
 def spacegroup_label(number: int | None) -> str:
@@ -84,6 +91,73 @@ def build_records(candidates: Sequence, references=None) -> list[dict]:
             "e_above_hull": None,
         })
     return records
+
+
+def relaxed_spacegroup(structure: Structure) -> int | None:
+    """The space group spglib finds (at SYMPREC, as for generated candidates) in a relaxed structure."""
+    try:
+        return spacegroup_number(structure)
+    except Exception:  # spglib finds no dataset for a degenerate cell
+        return None
+
+
+def spacegroup_number(structure: Structure, symprec: float = SYMPREC) -> int | None:
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    return int(SpacegroupAnalyzer(structure, symprec=symprec).get_space_group_number())
+
+
+def relax_label(record: dict) -> str:
+    """The table's relaxation cell: status, and how symmetry was treated ('converged · sym kept')."""
+    status = (record.get("relax_status") or "").replace("_", " ")
+    if not status:
+        return ""
+    if record.get("relax_fix_symmetry") is None:
+        return status
+    return f"{status} · {'sym kept' if record['relax_fix_symmetry'] else 'sym free'}"
+
+
+def relaxed_display(record: dict) -> dict:
+    """The display fields derived from a record's relaxation fields (labels for the table)."""
+    relaxed = record.get("relaxed_spacegroup")
+    generated = record.get("spacegroup") or record.get("intended_spacegroup")
+    label = ""
+    if record.get("relaxed_structure"):
+        label = spacegroup_label(relaxed)
+        if relaxed and generated and relaxed != generated:
+            label += " changed"
+    return {"relaxed_sg_label": label, "relax_label": relax_label(record)}
+
+
+def post_relaxation_flags(records: Sequence[dict], references=None) -> dict[str, dict]:
+    """Uniqueness among the relaxed candidates, novelty of each relaxed structure against the reference set
+    (MP-20) and the S.U.N. flag, judged after relaxation: {record id: fields}.
+
+    Uses the project's matcher (`metrics.unique_flags`, `ReferenceSet` -> `metrics.ReferenceIndex`): two
+    candidates that relax into one crystal are one, the second a duplicate; a candidate that relaxes into an
+    MP-20 phase is not novel. S.U.N.: unique, novel, structurally valid, at least two elements, E_hull <
+    SUN_THRESHOLD_EV; unknown ('') until it is relaxed and placed on the hull.
+    """
+    from wyckoff_lab.core.metrics import unique_flags
+
+    relaxed = [r for r in records if r.get("relaxed_structure")]
+    structures = [Structure.from_dict(r["relaxed_structure"]) for r in relaxed]
+    unique = unique_flags(structures) if structures else []
+    novel = references.novel_flags(structures) if references is not None else [None] * len(structures)
+    out = {}
+    for record, is_unique, is_novel in zip(relaxed, unique, novel):
+        e_hull = record.get("e_above_hull")
+        sun = None
+        if e_hull is not None and is_novel is not None:
+            sun = bool(is_unique and is_novel and record.get("struct_valid") and len(record.get("elements", ())) >= 2
+                       and e_hull < SUN_THRESHOLD_EV)
+        out[record["id"]] = {
+            "relaxed_unique": bool(is_unique), "unique_label": "unique" if is_unique else "duplicate",
+            "relaxed_novel": is_novel,
+            "relaxed_novel_label": {True: "novel", False: "in reference", None: "?"}[is_novel],
+            "sun": sun, "sun_label": {True: "S.U.N.", False: "no", None: ""}[sun],
+        }
+    return out
 
 
 def symmetry_label(intended: int | None, detected: int | None) -> str:
@@ -176,8 +250,9 @@ def table_rows(records: Sequence[dict]) -> list[dict]:
     rows = []
     for record in records:
         row = {"id": record["id"]}
+        derived = relaxed_display(record)
         for key, _, kind in TABLE_COLUMNS:
-            value = record.get(key)
+            value = derived[key] if key in derived else record.get(key)
             if kind == "numeric" and isinstance(value, float):
                 value = round(value, 4)
             row[key] = value
@@ -196,5 +271,11 @@ def summarize(records: Sequence[dict]) -> dict:
         "relaxed": sum(r.get("relax_status") in ("converged", "not_converged") for r in records),
         "on_hull": sum(e <= 1e-6 for e in hull),
         "metastable": sum(e <= 0.1 for e in hull),
+        "sym_changed": sum(bool(r.get("relaxed_spacegroup")) and bool(r.get("spacegroup") or
+                                                                     r.get("intended_spacegroup"))
+                           and r["relaxed_spacegroup"] != (r.get("spacegroup") or r.get("intended_spacegroup"))
+                           for r in records if r.get("relaxed_structure")),
+        "duplicates": sum(r.get("relaxed_unique") is False for r in records),
+        "sun": sum(r.get("sun") is True for r in records),
     }
 

@@ -1,18 +1,21 @@
 """Step 6, live relaxation: "Relax" streams FIRE frames into the 3D view with an energy / max-force curve;
-"Relax all" relaxes the whole candidate set in the background and places it on the hull."""
+"Relax all" (or "Relax selected" / "Relax filtered": the table's ticked or filtered rows) relaxes candidates in the
+background, each row updated as it finishes, and places them on the hull. "Keep symmetry" relaxes under FixSymmetry."""
 
 from __future__ import annotations
 
 import plotly.graph_objects as go
-from dash import Input, Output, State, dcc, html, no_update
+from dash import Input, Output, State, ctx, dcc, html, no_update
 from wyckoff_lab.widgets.base import Widget, cancel_jobs
 from wyckoff_lab.widgets.jobs import (
+    FIX_SYMMETRY_KEY,
+    STATUS_BATCH_KEY,
     USABLE,
     JobCancelled,
     JobError,
     cancel_check,
-    hull_message,
     relax_all,
+    relax_all_message,
     relax_message,
     relax_one,
     unexpected,
@@ -24,6 +27,7 @@ FRAME_EVERY_S = 0.3  # at most this often a frame is handed to the browser (it p
 FRAME_POLL_MS = 250  # how often the browser asks for a new frame while relaxing (the first arrives this much sooner)
 CANCEL_KIND = "relax"  # the cancel record shared by "Relax" and "Relax all" (one cancel button)
 FINISHED_KEY = "relax/finished"  # the last live relaxation of a session that has ended (its late frames are dropped)
+SCOPES = {"all": "all", "some": "selected", "filtered": "filtered"}  # button id suffix -> relax_all scope
 
 
 def relax_figure(history: list[dict] | None, title: str = "") -> go.Figure:
@@ -38,8 +42,11 @@ def relax_figure(history: list[dict] | None, title: str = "") -> go.Figure:
     figure.update_layout(
         title={"text": title, "font": {"size": 13}, "x": 0.02, "y": 0.98}, height=260,
         margin={"l": 60, "r": 60, "t": 44, "b": 40},
-        xaxis={"title": "FIRE step"}, yaxis={"title": "E (eV/atom)"},
-        yaxis2={"title": "max force (eV/Å)", "overlaying": "y", "side": "right", "type": "log"},
+        xaxis={"title": "FIRE step"},
+        # Ticks as short numbers (1.5, 0.05), not plotly's raw floats on a narrow log range (1.52194).
+        yaxis={"title": "E (eV/atom)", "tickformat": ".4~g"},
+        yaxis2={"title": "max force (eV/Å)", "overlaying": "y", "side": "right", "type": "log",
+                "tickformat": ".2~g"},
         legend={"orientation": "h", "y": -0.3}, template="plotly_white")
     return figure
 
@@ -56,6 +63,20 @@ def frame_payload(frame, history, candidate_label: str, cancel_clicks: int | Non
             "run": run}
 
 
+def stale_status_update(context, sid: str | None, chemistry_changed: bool):
+    """(status, progress label) for `drop_stale_status`: both cleared when the candidate set the relax status
+    speaks of is no longer the session's, or the chemical system was switched; else unchanged."""
+    if not sid:
+        return no_update, no_update
+    owner = context.sessions.get(sid, STATUS_BATCH_KEY)
+    if owner is None:
+        return no_update, no_update
+    if chemistry_changed or owner != context.sessions.batch(sid):
+        context.sessions.set(sid, STATUS_BATCH_KEY, None)
+        return "", ""
+    return no_update, no_update
+
+
 class RelaxPanel(Widget):
     """Relax the selected candidate live, or every candidate in the background; both can be cancelled."""
 
@@ -69,10 +90,18 @@ class RelaxPanel(Widget):
                             title="relax the selected candidate and watch it move"),
                 html.Button("Relax all", id=self.id("all"), n_clicks=0, className="button is-link is-small",
                             title="relax every candidate, then place them on the convex hull"),
+                html.Button("Relax selected", id=self.id("some"), n_clicks=0, className="button is-link is-small "
+                            "is-light", title="relax the rows ticked in the candidate table"),
+                html.Button("Relax filtered", id=self.id("filtered"), n_clicks=0,
+                            className="button is-link is-small is-light",
+                            title="relax the rows the candidate table's filter shows"),
                 html.Button("Cancel", id=self.id("cancel"), n_clicks=0, disabled=True,
                             className="button is-light is-small"),
                 html.Span("potential: loading…", id=self.id("potential"), className="wl-note"),
             ], className="wl-row wl-buttons"),
+            dcc.Checklist(id=self.id("fix-symmetry"), value=[], className="wl-note",
+                          options=[{"label": " keep symmetry (ASE FixSymmetry: forces and stress symmetrised, the "
+                                             "generated space group kept)", "value": "fix"}]),
             html.Progress(id=self.id("progress"), value="0", max="1", className="progress is-small is-link",
                           style={"visibility": "hidden"}),
             html.Div(id=self.id("progress-label"), className="wl-progress-label"),
@@ -83,6 +112,7 @@ class RelaxPanel(Widget):
             dcc.Store(id=self.id("curve-go")),
             dcc.Store(id=self.id("frame")),
             dcc.Store(id=self.id("final")),
+            dcc.Store(id=self.id("live")),  # relax-all: how many are stored so far (the table refreshes on it)
         ], className="wl-panel", id=self.id("panel"))
 
     def curve(self, payload: dict | None = None):
@@ -95,7 +125,7 @@ class RelaxPanel(Widget):
         interval = context.settings.progress_interval_ms
         frame_interval = min(interval, FRAME_POLL_MS)
         running = [(Output(self.id("one"), "disabled"), True, False),
-                   (Output(self.id("all"), "disabled"), True, False),
+                   *[(Output(self.id(key), "disabled"), True, False) for key in SCOPES],
                    (Output(self.id("cancel"), "disabled"), False, True)]
 
         @app.callback(
@@ -207,6 +237,7 @@ class RelaxPanel(Widget):
         @app.callback(
             Output(self.links.revision, "data", allow_duplicate=True),
             Output(self.id("status"), "children", allow_duplicate=True),
+            Output(self.id("progress-label"), "children", allow_duplicate=True),
             Input(self.id("cancel"), "n_clicks"),
             State(self.links.session, "data"),
             prevent_initial_call=True,
@@ -216,18 +247,19 @@ class RelaxPanel(Widget):
             once, then show what the session holds: what was relaxed before the cancel, and nothing else."""
             sid = (session or {}).get("sid")
             if not sid:
-                return no_update, no_update
+                return no_update, no_update, no_update
             cancel_jobs(context, sid, CANCEL_KIND, clicks)
             records = context.sessions.candidates(sid)
             relaxed = sum(r.get("relax_status") in USABLE for r in records)
             text = (f"Relaxation cancelled. {relaxed} of {len(records)} candidates are relaxed (kept); nothing from "
                     "the cancelled run arrives later.")
-            return revision(), html.Div(text, className="wl-message is-warning")
+            # The running job's progress line ("relaxing 25–32 of 99") is the cancelled job's: it goes too.
+            return revision(), html.Div(text, className="wl-message is-warning"), ""
 
         @app.callback(
             Output(self.links.revision, "data", allow_duplicate=True),
             Output(self.id("status"), "children", allow_duplicate=True),
-            Input(self.id("all"), "n_clicks"),
+            *[Input(self.id(key), "n_clicks") for key in SCOPES],
             State(self.links.session, "data"),
             State(self.id("cancel"), "n_clicks"),
             background=True,
@@ -235,24 +267,67 @@ class RelaxPanel(Widget):
                                 {"visibility": "hidden"})],
             cancel=[Input(self.id("cancel"), "n_clicks")],
             progress=[Output(self.id("progress"), "value"), Output(self.id("progress"), "max"),
-                      Output(self.id("progress-label"), "children")],
+                      Output(self.id("progress-label"), "children"), Output(self.id("live"), "data")],
             interval=interval, prevent_initial_call=True,
         )
-        def relax_everything(set_progress, _clicks, session, cancel_clicks):
+        def relax_everything(set_progress, _all, _selected, _filtered, session, cancel_clicks):
             sid = (session or {}).get("sid")
+            trigger = (ctx.triggered_id or "").removeprefix(self.id(""))
+            scope = SCOPES.get(trigger, "all")
+            shown = {"done": 0}
+
+            def report(done, total, label):
+                set_progress((str(done), str(max(total, 1)), label, shown["done"]))
+
+            def stored(done):  # a new count in the live store refreshes the table (see `refresh_live`)
+                shown["done"] = done
+
             try:
-                summary = relax_all(context, sid,
-                                    lambda done, total, label: set_progress((str(done), str(max(total, 1)), label)),
+                summary = relax_all(context, sid, report, scope=scope, on_update=stored,
                                     cancelled=cancel_check(context, sid, CANCEL_KIND, cancel_clicks))
             except JobCancelled as exc:
-                set_progress(("0", "1", ""))
+                set_progress(("0", "1", "", -1))
                 return revision(), html.Div(str(exc), className="wl-message is-warning")
             except Exception as exc:  # partial results stay: the table is refreshed either way
-                set_progress(("0", "1", ""))
+                set_progress(("0", "1", "", -1))
                 text = str(exc) if isinstance(exc, JobError) else unexpected(exc)
                 return revision(), html.Div(text, className="wl-message is-danger")
-            set_progress(("1", "1", ""))
-            return revision(), html.Div(hull_message(summary), className="wl-message is-success")
+            set_progress(("1", "1", "", -1))
+            return revision(), html.Div(relax_all_message(summary), className="wl-message is-success")
+
+        @app.callback(
+            Output(self.links.revision, "data", allow_duplicate=True),
+            Input(self.id("live"), "data"),
+            prevent_initial_call=True,
+        )
+        def refresh_live(done):
+            """While "Relax all" runs, each newly stored result bumps the revision: the table shows it."""
+            return revision() if done and done > 0 else no_update
+
+        @app.callback(
+            Output(self.id("fix-symmetry"), "className"),
+            Input(self.id("fix-symmetry"), "value"),
+            State(self.links.session, "data"),
+            prevent_initial_call=True,
+        )
+        def choose_symmetry(value, session):
+            sid = (session or {}).get("sid")
+            if sid:
+                context.sessions.set(sid, FIX_SYMMETRY_KEY, "fix" in (value or []))
+            return "wl-note"
+
+        @app.callback(
+            Output(self.id("status"), "children", allow_duplicate=True),
+            Output(self.id("progress-label"), "children", allow_duplicate=True),
+            Input(self.links.revision, "data"),
+            Input(self.links.chemistry, "data"),
+            State(self.links.session, "data"),
+            prevent_initial_call=True,
+        )
+        def drop_stale_status(_revision, _chemistry, session):
+            """A relax status speaks of one candidate set: it goes when another set replaces it, or when the
+            user picks another chemical system."""
+            return stale_status_update(context, (session or {}).get("sid"), ctx.triggered_id == self.links.chemistry)
 
         @app.callback(Output(self.id("potential"), "children"), Input(self.links.session, "data"))
         def potential_label(_session):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from wyckoff_lab.app.cli import CommandError, emit
+from wyckoff_lab.app.commands.relax import add_progress_flag
 
 # More reference relaxations not yet cached than this need --yes: six elements mean ~400 of them, which run for
 # tens of minutes on a CPU.
@@ -28,6 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--yes", action="store_true",
                    help=f"start even if more than {CONFIRM_ABOVE_UNCACHED} reference relaxations are not cached yet")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_progress_flag(p)
     p.set_defaults(func=run)
 
 
@@ -35,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
     import time
 
 
-    from wyckoff_lab.app.commands.relax import check_settings
+    from wyckoff_lab.app.commands.relax import check_settings, show_progress
     from wyckoff_lab.app.generator_flags import chemical_system
+    from wyckoff_lab.core.pipeline import RelaxBar
+    from wyckoff_lab.core.relax import relax_progress
     from wyckoff_lab.core.datasets import dataset_spec
     from wyckoff_lab.core.hull import HullPlan, HullReference
     from wyckoff_lab.core.relax import PotentialError
@@ -73,22 +77,28 @@ def run(args: argparse.Namespace) -> int:
                                "to start them (or fewer elements, or a smaller --max-references)")
         print(plan.describe(), file=sys.stderr)  # stderr: --json keeps stdout to the one JSON object
 
+    bar = RelaxBar(f"{'-'.join(elements)} references", show_progress(args))
     try:
-        hull = HullReference.build(
-            elements,
-            potential=args.potential,
-            dataset=args.dataset,
-            split=args.split,
-            max_references=args.max_references or None,
-            fmax=args.fmax,
-            max_steps=args.max_steps,
-            device=args.device,
-            before_relax=confirm,
-        )
-        t_candidates = time.perf_counter()
-        points = hull.e_above_hull(structures)
+        with relax_progress(bar):  # the references' relaxations, then the candidates', each with its bar
+            hull = HullReference.build(
+                elements,
+                potential=args.potential,
+                dataset=args.dataset,
+                split=args.split,
+                max_references=args.max_references or None,
+                fmax=args.fmax,
+                max_steps=args.max_steps,
+                device=args.device,
+                before_relax=confirm,
+            )
+            bar.close()
+            bar.desc = "candidates"
+            t_candidates = time.perf_counter()
+            points = hull.e_above_hull(structures)
     except PotentialError as exc:
         raise CommandError(str(exc)) from None
+    finally:
+        bar.close()
     candidate_time_s = time.perf_counter() - t_candidates
 
     summary = hull.summary()

@@ -15,11 +15,27 @@ def register(subparsers) -> None:
     p.add_argument("--fmax", type=float, default=0.05, help="force convergence threshold, eV/Å (default 0.05)")
     p.add_argument("--max-steps", type=int, default=500, help="maximum FIRE steps (default 500; 0 = single point)")
     p.add_argument("--fixed-cell", action="store_true", help="relax positions only, keep the cell")
+    p.add_argument("--fix-symmetry", action="store_true",
+                   help="keep the space group (ASE FixSymmetry at 0.1 Å: forces and stress symmetrised)")
+    add_progress_flag(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-cache", action="store_true", help="ignore and do not write the on-disk result cache")
     p.add_argument("--out", type=Path, default=None, help="write the relaxed structure here (CIF if *.cif)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
+
+
+def add_progress_flag(parser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on stderr (default: when stderr is a terminal; stdout stays the "
+                             "result, pure JSON with --json)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """--progress / --no-progress, else bars only when stderr is a terminal (not in logs and pipes)."""
+    import sys
+
+    return sys.stderr.isatty() if args.progress is None else bool(args.progress)
 
 
 def read_structure(path: Path):
@@ -52,10 +68,12 @@ def check_settings(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from wyckoff_lab.core.pipeline import RelaxBar
     from wyckoff_lab.core.relax import PotentialError, relax
 
     check_settings(args)
     structure = read_structure(args.file)
+    bar = RelaxBar(f"relaxing {args.file.name}", show_progress(args), unit="structure")
     try:
         (result,) = relax(
             structure,
@@ -65,9 +83,13 @@ def run(args: argparse.Namespace) -> int:
             relax_cell=not args.fixed_cell,
             device=args.device,
             cache=not args.no_cache,
+            fix_symmetry=args.fix_symmetry,
+            progress=bar,
         )
     except PotentialError as exc:
         raise CommandError(str(exc)) from None
+    finally:
+        bar.close()
     if args.out is not None:
         result.final.to(filename=str(args.out))
     summary = {"file": str(args.file), "num_atoms": len(structure)} | result.summary()
@@ -76,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         [
             f"{summary['formula']}  ({len(structure)} atoms, {args.file})  potential {result.potential}",
             f"status          {result.status}" + (f" ({result.message})" if result.message else ""),
+            f"criterion       {summary['criterion']}",
             f"energy          {result.energy_per_atom:.4f} eV/atom  ({result.energy:.4f} eV)",
             f"steps           {result.steps}",
             f"max force       {result.max_force:.4f} eV/Å",

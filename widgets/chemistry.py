@@ -14,6 +14,26 @@ MAX_Z = 103  # through Lr; the periodic table shows the f-block in two rows belo
 DEFAULT_MAX_ATOMS = MAX_ATOMS  # core.defaults: MP-20's primitive-cell limit
 
 
+def chemists_order(elements) -> list[str]:
+    """Elements in a chemist's order: increasing Pauling electronegativity, as pymatgen's `Composition.formula`
+    writes a formula (Ca, Al, Cu; Li, Fe, P, O); elements without one (noble gases) last, ties by symbol."""
+    import math
+    import warnings
+
+    def key(symbol: str):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pymatgen warns on noble gases' missing electronegativity
+            x = Element(symbol).X
+        return (x if math.isfinite(x) else math.inf, symbol)
+
+    return sorted(dict.fromkeys(elements or []), key=key)
+
+
+def system_text(elements) -> str:
+    """A chemical system as the app prints it everywhere: `Ca-Al-Cu` (`chemists_order`)."""
+    return "-".join(chemists_order(elements))
+
+
 def element_family(symbol: str) -> str:
     """The element's family (colours the periodic table and the element-embedding map)."""
     el = Element(symbol)
@@ -54,11 +74,11 @@ def chemistry_state(elements, formula, max_atoms) -> tuple[dict, str | None]:
             message, formula = f"Cannot read formula {formula!r}: {exc}", None
         else:
             if elements and set(formula_elements) != set(elements):
-                message = (f"{comp.reduced_formula} is not in the chemical system {'-'.join(elements)}; "
+                message = (f"{comp.reduced_formula} is not in the chemical system {system_text(elements)}; "
                            "the formula's elements are used")
             elements, formula = formula_elements, comp.reduced_formula
     if len(elements) > MAX_ELEMENTS:
-        message = f"At most {MAX_ELEMENTS} elements: {'-'.join(elements)} has {len(elements)}"
+        message = f"At most {MAX_ELEMENTS} elements: {system_text(elements)} has {len(elements)}"
     try:
         max_atoms = int(max_atoms)
         if max_atoms < 1:
@@ -67,6 +87,39 @@ def chemistry_state(elements, formula, max_atoms) -> tuple[dict, str | None]:
         message = message or "The maximum number of atoms must be a positive whole number; using 20"
         max_atoms = DEFAULT_MAX_ATOMS
     return {"elements": elements, "formula": formula, "max_atoms": max_atoms}, message
+
+
+_CELL_SIZES: dict[int, dict[str, int]] = {}  # id(reference frame) -> reduced formula -> smallest cell (atoms)
+
+
+def smallest_known_cells(frame) -> dict[str, int]:
+    """Reduced formula -> the fewest atoms of its cells in a reference table (MP-20's cells are primitive),
+    computed once per table (about 2 s for MP-20)."""
+    key = id(frame)
+    if key not in _CELL_SIZES:
+        reduced = frame["formula"].map(lambda f: Composition(f).reduced_formula)
+        _CELL_SIZES.clear()
+        _CELL_SIZES[key] = {k: int(v) for k, v in frame.groupby(reduced)["num_atoms"].min().items()}
+    return _CELL_SIZES[key]
+
+
+def cell_size_warning(formula: str | None, max_atoms: int, known: dict[str, int] | None,
+                      dataset: str = "MP-20") -> str | None:
+    """Why `max_atoms` excludes the formula's known cell (the smallest of its cells in the reference data) or,
+    for a formula the data lacks, its formula unit; None when it does not."""
+    if not formula:
+        return None
+    comp = Composition(formula)
+    reduced = comp.reduced_formula
+    if known and reduced in known:
+        if known[reduced] > max_atoms:
+            return (f"{reduced} needs {known[reduced]} atoms in the primitive cell in {dataset}; raise max atoms "
+                    f"(now {max_atoms})")
+        return None
+    unit = int(round(comp.reduced_composition.num_atoms))
+    if unit > max_atoms:
+        return (f"{reduced} has {unit} atoms per formula unit, more than max atoms = {max_atoms}; raise max atoms")
+    return None
 
 
 class ChemistryPicker(Widget):
@@ -109,6 +162,7 @@ class ChemistryPicker(Widget):
                 html.Button("Clear", id=self.id("clear"), n_clicks=0, className="button is-small is-light"),
             ], className="wl-row"),
             html.Div(self.initial_message, id=self.id("message"), className="wl-message is-warning"),
+            html.Div(id=self.id("cell-warning"), className="wl-message is-warning"),
             dcc.Store(id=self.id("picked"), data=list(self.initial["elements"])),
         ], className="wl-panel", id=self.id("panel"))
 
@@ -116,10 +170,10 @@ class ChemistryPicker(Widget):
     def _summary(state: dict) -> str:
         if not state["elements"]:
             return "No elements chosen: generators pick the chemistry themselves."
-        text = f"Chemical system {'-'.join(state['elements'])}"
+        text = f"Chemical system {system_text(state['elements'])}"
         if state.get("formula"):
             text += f", formula {state['formula']}"
-        return text + f", at most {state['max_atoms']} atoms"
+        return text + f", at most {state['max_atoms']} atoms in the primitive cell"
 
     def register(self, app):
         # Clicks are handled in the browser: a server round trip per click would read a stale selection when the
@@ -170,3 +224,14 @@ class ChemistryPicker(Widget):
             if len(state["elements"]) > MAX_ELEMENTS:
                 state["elements"] = state["elements"][:MAX_ELEMENTS]
             return state, self._summary(state), message, formula_value
+
+        @app.callback(Output(self.id("cell-warning"), "children"), Input(self.links.chemistry, "data"))
+        def warn_cell_size(chemistry):
+            """The formula's known cell against max atoms, once the reference data is loaded (else the formula
+            unit alone)."""
+            chemistry = chemistry or {}
+            references = self.context.references() if chemistry.get("formula") else None
+            known = smallest_known_cells(references.dataset.frame) if references is not None else None
+            dataset = self.context.settings.dataset.upper().replace("_", "-")
+            return cell_size_warning(chemistry.get("formula"), int(chemistry.get("max_atoms") or DEFAULT_MAX_ATOMS),
+                                     known, dataset)

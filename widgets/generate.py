@@ -8,7 +8,9 @@ its options row: a new generator appears here without UI changes.
 
 from __future__ import annotations
 
-from dash import ALL, Input, Output, State, dcc, html, no_update
+import dataclasses
+
+from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.context import WARMUP_WAIT_S
 from wyckoff_lab.widgets.jobs import (
@@ -28,6 +30,38 @@ RESULT_POLL_MS = 250  # how often the browser asks whether the candidates are re
 STABILITY_OPTIONS = [{"label": "any stability", "value": ""},
                      {"label": "stable (low E above hull)", "value": "low"},
                      {"label": "unstable (high E above hull)", "value": "high"}]
+
+
+CHARGE_BALANCED_HELP = ("Keep only compositions where one oxidation state per element sums to zero (SMACT's rule); "
+                        "alloys and other all-metal systems count as balanced. What the generator makes otherwise "
+                        "is sampled again.")
+
+
+def request_for(name, n, chemistry: dict | None, symmetry: dict | None, temperature, seed, stability,
+                options: dict, charge_balanced: bool) -> GenerationRequest:
+    """The GenerationRequest of the panel's controls. `charge_balanced` travels where the request takes it
+    (`GenerationRequest.charge_balanced`); a request type without that field cannot honour the box, which is
+    then refused by name rather than ignored."""
+    chemistry, symmetry = chemistry or {}, symmetry or {}
+    extra = {}
+    if charge_balanced:
+        if "charge_balanced" not in {f.name for f in dataclasses.fields(GenerationRequest)}:
+            raise JobError("This app's generation jobs cannot yet honour “charge-balanced compositions only”; "
+                           "untick it, or use `wyckoff-lab sample --charge-balanced`")
+        extra["charge_balanced"] = True
+    return GenerationRequest(
+        generator=name, n=n, elements=chemistry.get("elements") or None,
+        formula=chemistry.get("formula"), max_atoms=chemistry.get("max_atoms"),
+        spacegroup=symmetry.get("spacegroup"), template=symmetry.get("template"),
+        temperature=temperature or 1.0, seed=None if seed in (None, "") else int(seed),
+        stability=stability or None, options=options, **extra)
+
+
+def cleared_status(trigger: str, cancel_id: str):
+    """(status, progress label) after a cancel or a switch of chemical system: a status belongs to its job, so the
+    finished job's line goes when the system changes and the progress label goes with a cancelled job (the cancel
+    record writes the status itself)."""
+    return (no_update if trigger == cancel_id else "", "")
 
 
 def generator_options(context) -> tuple[list[dict], dict[str, str]]:
@@ -86,6 +120,9 @@ class GeneratePanel(Widget):
             ], className="wl-row"),
             html.Div([], id=self.id("options"), className="wl-row"),
             dcc.Dropdown(id=self.id("stability"), options=STABILITY_OPTIONS, value="", clearable=False),
+            html.Div(dcc.Checklist(id=self.id("charge-balanced"),
+                                   options=[{"label": " charge-balanced compositions only", "value": "on"}],
+                                   value=[], className="wl-check"), title=CHARGE_BALANCED_HELP),
             html.Div([
                 html.Button("Generate", id=self.id("run"), n_clicks=0, className="button is-primary"),
                 html.Button("Cancel", id=self.id("cancel"), n_clicks=0, disabled=True,
@@ -177,6 +214,7 @@ class GeneratePanel(Widget):
             State({"type": self.id("option"), "name": ALL, "generator": ALL}, "value"),
             State({"type": self.id("option"), "name": ALL, "generator": ALL}, "id"),
             State(self.id("stability"), "value"),
+            State(self.id("charge-balanced"), "value"),
             State(self.id("cancel"), "n_clicks"),
             background=True,
             running=[(Output(self.id("run"), "disabled"), True, False),
@@ -189,17 +227,11 @@ class GeneratePanel(Widget):
             prevent_initial_call=True,
         )
         def generate(set_progress, _clicks, session, chemistry, symmetry, name, n, temperature, seed, option_values,
-                     option_ids, stability, cancel_clicks):
-            chemistry, symmetry = chemistry or {}, symmetry or {}
-            request = GenerationRequest(
-                generator=name, n=n, elements=chemistry.get("elements") or None,
-                formula=chemistry.get("formula"), max_atoms=chemistry.get("max_atoms"),
-                spacegroup=symmetry.get("spacegroup"), template=symmetry.get("template"),
-                temperature=temperature or 1.0, seed=None if seed in (None, "") else int(seed),
-                stability=stability or None,
-                options=option_settings(name, option_ids, option_values))
+                     option_ids, stability, charge_balanced, cancel_clicks):
             sid = (session or {}).get("sid")
             try:
+                request = request_for(name, n, chemistry, symmetry, temperature, seed, stability,
+                                      option_settings(name, option_ids, option_values), bool(charge_balanced))
                 summary = run_generation(context, sid, request,
                                          lambda done, total, label: set_progress((str(done), str(max(total, 1)),
                                                                                   label)),
@@ -216,6 +248,16 @@ class GeneratePanel(Widget):
                                                           className="wl-message is-success")
 
         self.register_cancel_record(app, CANCEL_KIND, GENERATION_CANCELLED)
+
+        @app.callback(
+            Output(self.id("status"), "children", allow_duplicate=True),
+            Output(self.id("progress-label"), "children", allow_duplicate=True),
+            Input(self.id("cancel"), "n_clicks"),
+            Input(self.links.chemistry, "data"),
+            prevent_initial_call=True,
+        )
+        def clear_stale_status(_cancel, _chemistry):
+            return cleared_status(ctx.triggered_id, self.id("cancel"))
 
 
 def _field(label: str, control):

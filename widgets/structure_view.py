@@ -24,6 +24,84 @@ FRAME_FILL = 0.75
 SCENE_SETTINGS = {"zoomToFit2D": True, "defaultZoom": FRAME_FILL}
 
 
+DISPLAY_COLOR = "display_color"  # Crystal Toolkit draws a site in this site property's colour, whatever the scheme
+# Two colours closer than this CIELAB distance (CIE76 ΔE) read as the same on screen: VESTA's Al, Ca and Cu are three
+# blues, Al and Ca only ΔE 11 apart.
+MIN_DELTA_E = 30.0
+# A qualitative palette for elements whose own colours clash, and for Wyckoff orbits (Okabe-Ito, then Tableau 10).
+QUALITATIVE = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000",
+               "#4E79A7", "#F28E2B", "#E15759", "#76B7B2", "#59A14F", "#EDC948", "#B07AA1", "#FF9DA7",
+               "#9C755F", "#BAB0AC")
+
+
+def _hex(rgb) -> str:
+    return "#" + "".join(f"{int(round(c)):02x}" for c in rgb)
+
+
+def _rgb(color: str) -> tuple[int, int, int]:
+    return tuple(int(color[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def cielab(color: str) -> tuple[float, float, float]:
+    """CIELAB (D65) of an sRGB hex colour."""
+    def linear(c):
+        c /= 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in _rgb(color))
+    x = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047
+    y = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    z = (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883
+    f = lambda t: t ** (1 / 3) if t > 216 / 24389 else (24389 / 27 * t + 16) / 116
+    fx, fy, fz = f(x), f(y), f(z)
+    return 116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)
+
+
+def delta_e(first: str, second: str) -> float:
+    """CIE76 colour difference of two hex colours."""
+    return float(np.linalg.norm(np.subtract(cielab(first), cielab(second))))
+
+
+def element_colors(elements, scheme: str = ELEMENT_SCHEME) -> dict[str, str]:
+    """A colour per element, distinguishable within this set: each keeps its `scheme` (VESTA) colour unless that
+    is within MIN_DELTA_E of a colour already given (elements by atomic number), and then takes the first
+    QUALITATIVE colour at least MIN_DELTA_E from all of them (the most distant one if none is)."""
+    from crystal_toolkit.core.legend import EL_COLORS
+    from pymatgen.core import Element
+
+    chosen: dict[str, str] = {}
+    for symbol in sorted(set(elements), key=lambda e: Element(e).Z):
+        own = _hex(EL_COLORS[scheme].get(symbol, EL_COLORS["Extras"].get(symbol, (128, 128, 128))))
+        if all(delta_e(own, other) >= MIN_DELTA_E for other in chosen.values()):
+            chosen[symbol] = own
+            continue
+        distance = lambda c: min(delta_e(c, other) for other in chosen.values())
+        free = [c for c in QUALITATIVE if c not in chosen.values()]
+        chosen[symbol] = next((c for c in free if distance(c) >= MIN_DELTA_E), max(free, key=distance))
+    return chosen
+
+
+def site_colors(structure: Structure, by: str) -> tuple[list[str], dict[str, str]]:
+    """(a colour per site, label -> colour for the legend), by "element" or by Wyckoff orbit (the structure's
+    ORBIT_PROPERTY, in order of first appearance)."""
+    if by == "orbit" and ORBIT_PROPERTY in structure.site_properties:
+        labels = list(dict.fromkeys(structure.site_properties[ORBIT_PROPERTY]))
+        legend = {label: QUALITATIVE[i % len(QUALITATIVE)] for i, label in enumerate(labels)}
+        return [legend[label] for label in structure.site_properties[ORBIT_PROPERTY]], legend
+    legend = element_colors([site.specie.symbol for site in structure])
+    return [legend[site.specie.symbol] for site in structure], legend
+
+
+def legend_chips(legend: dict[str, str]) -> list:
+    """The colour key, drawn beside the scene rather than over it (Crystal Toolkit's own pills hid atoms)."""
+    def ink(color: str) -> str:
+        r, g, b = _rgb(color)
+        return "black" if (0.299 * r + 0.587 * g + 0.114 * b) / 255 > 0.5 else "white"
+
+    return [html.Span(label, className="wl-legend-chip", style={"backgroundColor": color, "color": ink(color)})
+            for label, color in legend.items()]
+
+
 def annotate_orbits(structure: Structure, symprec: float = SYMPREC) -> tuple[Structure, str]:
     """A copy of `structure` whose sites carry their Wyckoff orbit ('Ca 4a') as a site property, and the space
     group label. Symmetry from spglib on this very cell (the analysis the records already ran, cached), so every
@@ -75,6 +153,14 @@ def structure_payload(structure: Structure, title: str, source: str, bonds_key: 
     return sign_payload(payload)  # the view draws only payloads the server made (see `show`)
 
 
+# Free parameters in full ("x=0.125, y=0.250, z=0.375"): cells wrap instead of being cut to the column's width.
+ORBIT_TABLE_STYLE = {
+    "style_cell": {"fontSize": 12, "padding": "2px 6px", "textAlign": "left", "whiteSpace": "normal",
+                   "height": "auto", "overflow": "visible", "textOverflow": "clip"},
+    "style_cell_conditional": [{"if": {"column_id": "free"}, "minWidth": "12em", "fontFamily": "monospace"}],
+    "style_header": {"fontWeight": "bold"},
+    "style_table": {"overflowX": "auto"},
+}
 BONDING = "CrystalNN"  # the 3D view's bonding strategy (Crystal Toolkit's settings panel can change it)
 
 
@@ -180,7 +266,9 @@ class StructureView(Widget):
             html.Div([html.H2("5 · Structure", className="wl-step"),
                       html.Div(id=self.id("title"), className="wl-structure-title")], className="wl-row"),
             html.Div([
-                html.Div(self.ct.layout(size=f"{self.size}px"), className="wl-scene"),
+                html.Div([html.Div(self.ct.layout(size=f"{self.size}px"), className="wl-scene"),
+                          # the colour key below the scene: Crystal Toolkit's pills inside it covered atoms
+                          html.Div(id=self.id("legend"), className="wl-legend")], className="wl-scene-column"),
                 html.Div([
                     html.Div([html.Label("Colour by", className="label is-small"),
                               dcc.RadioItems(id=self.id("colour"), value="element", inline=True,
@@ -197,8 +285,7 @@ class StructureView(Widget):
                         columns=[{"name": n, "id": i} for i, n in (("element", "element"), ("wyckoff", "Wyckoff"),
                                                                   ("site_symmetry", "site sym."),
                                                                   ("free", "free parameters"))],
-                        style_cell={"fontSize": 12, "padding": "2px 6px", "textAlign": "left"},
-                        style_header={"fontWeight": "bold"}),
+                        **ORBIT_TABLE_STYLE),
                 ], className="wl-side"),
             ], className="wl-columns"),
         ], className="wl-panel", id=self.id("panel"))
@@ -227,24 +314,28 @@ class StructureView(Widget):
             Output(self.id("title"), "children"),
             Output(self.id("symmetry"), "children"),
             Output(self.id("orbits"), "data"),
+            Output(self.id("legend"), "children"),
             Input(self.links.structure, "data"),
             Input(self.ct.id("graph_generation_options"), "data"),
+            Input(self.id("colour"), "value"),
         )
-        def show(payload, graph_options):
+        def show(payload, graph_options, colour):
             if not payload or not payload.get("structure"):
-                return no_update, "Nothing selected yet", "", []
+                return no_update, "Nothing selected yet", "", [], []
             if not payload_is_signed(payload):  # a client-made structure: drawing it could cost minutes of CPU
-                return no_update, "", "Not shown: this structure did not come from this app.", []
+                return no_update, "", "Not shown: this structure did not come from this app.", [], []
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 structure = Structure.from_dict(payload["structure"])
                 if not np.all(np.isfinite(structure.frac_coords)) or not np.isfinite(structure.volume):
-                    return no_update, payload.get("title", ""), "This structure has non-finite coordinates", []
+                    return no_update, payload.get("title", ""), "This structure has non-finite coordinates", [], []
                 relaxing = bool(payload.get("bonds_key"))
                 if not relaxing:  # into the cell, as Crystal Toolkit draws it (frames stay continuous)
                     structure = Structure(structure.lattice, structure.species, np.mod(structure.frac_coords, 1),
                                           site_properties=structure.site_properties)
                 annotated, group = annotate_orbits(structure)
+                colours, legend = site_colors(annotated, colour or "element")
+                annotated.add_site_property(DISPLAY_COLOR, colours)  # wins over Crystal Toolkit's scheme
                 rows = orbit_rows(structure)
                 options = graph_options or {}
                 if options.get("bonding_strategy", BONDING) == BONDING and options.get(
@@ -254,15 +345,4 @@ class StructureView(Widget):
                 else:  # another bonding strategy or cell chosen in Crystal Toolkit's settings: it bonds itself
                     data = annotated.as_dict()
             symmetry = f"{len(structure)} atoms in this cell · space group {group} (symprec {SYMPREC} Å)"
-            return data, payload.get("title", ""), symmetry, rows
-
-        @app.callback(
-            Output(self.ct.id("display_options"), "data", allow_duplicate=True),
-            Input(self.id("colour"), "value"),
-            State(self.ct.id("display_options"), "data"),
-            prevent_initial_call=True,
-        )
-        def colour_by(colour, options):
-            options = dict(options or {})
-            options["color_scheme"] = ORBIT_PROPERTY if colour == "orbit" else ELEMENT_SCHEME
-            return options
+            return data, payload.get("title", ""), symmetry, rows, legend_chips(legend)

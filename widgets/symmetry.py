@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from dash import ALL, Input, Output, State, ctx, dash_table, dcc, html, no_update
 from wyckoff_lab.core.symmetry import all_spacegroups, spacegroup
 from wyckoff_lab.widgets.base import Widget
+from wyckoff_lab.widgets.chemistry import system_text
 from wyckoff_lab.widgets.context import WARMUP_WAIT_S
 
 CRYSTAL_SYSTEMS = ("triclinic", "monoclinic", "orthorhombic", "tetragonal", "trigonal", "hexagonal", "cubic")
@@ -41,6 +42,22 @@ def wyckoff_rows(number: int | None) -> list[dict]:
     return rows
 
 
+WYCKOFF_TABLE_HEIGHT = "15em"  # one scrollable page: Fm-3m's 15 positions, special ones included, without paging
+
+
+def wyckoff_table(ident, rows: list[dict]):
+    """All of a group's positions on one scrollable page, in the International Tables' order (general position
+    first) until the user sorts a column: the special positions users pin are never on a second page."""
+    columns = [{"name": n, "id": i, **({"type": "numeric"} if i == "multiplicity" else {})}
+               for i, n in (("label", "Wyckoff"), ("multiplicity", "mult."), ("site_symmetry", "site sym."),
+                            ("coordinates", "coordinates"), ("dof", "DOF"))]
+    return dash_table.DataTable(
+        id=ident, data=rows, columns=columns, page_action="none", sort_action="native",
+        style_cell={"fontSize": 12, "padding": "2px 6px", "fontFamily": "monospace", "textAlign": "left"},
+        style_header={"fontWeight": "bold"},
+        style_table={"overflowX": "auto", "overflowY": "auto", "maxHeight": WYCKOFF_TABLE_HEIGHT})
+
+
 @dataclass
 class Verdict:
     """Outcome of the live template check, for the panel: ok, a headline, and the reasons or an example."""
@@ -68,7 +85,7 @@ def template_verdict(elements, formula, number, template, max_atoms) -> Verdict:
     template = [tuple(pair) for pair in template or []]
     outside = sorted({el for el, _ in template} - set(elements or []))
     if elements and outside:
-        return Verdict(False, f"The template places {', '.join(outside)}, which is not in {'-'.join(elements)}")
+        return Verdict(False, f"The template places {', '.join(outside)}, which is not in {system_text(elements)}")
     factor = CENTERING[group.symbol[0]]
     if formula:
         comp = Composition(formula).reduced_composition
@@ -101,13 +118,13 @@ def template_verdict(elements, formula, number, template, max_atoms) -> Verdict:
             checked += 1
             if check_template(counts, number, template).feasible:
                 example = Composition(counts).formula.replace(" ", "")
-                return Verdict(True, f"{'-'.join(elements)} fits {group.symbol} ({number})"
+                return Verdict(True, f"{system_text(elements)} fits {group.symbol} ({number})"
                                + (" with this template" if template else ""),
                                [f"for example {example} in the conventional cell"])
             if checked >= MAX_COMPOSITIONS_CHECKED:
                 return Verdict(None, f"No fit among the first {checked} compositions; give an exact formula "
                                "for a complete check")
-    return Verdict(False, f"No charge-balanced composition of {'-'.join(elements)} with at most {max_atoms} atoms "
+    return Verdict(False, f"No charge-balanced composition of {system_text(elements)} with at most {max_atoms} atoms "
                    f"fits {group.symbol} ({number})" + (" with this template" if template else ""),
                    ["Try another space group, fewer pinned orbits or a larger maximum number of atoms"])
 
@@ -136,13 +153,7 @@ class SymmetryPanel(Widget):
                                       placeholder="any space group (type a number or symbol)", clearable=True,
                                       optionHeight=28), className="wl-dd-wide"),
             ], className="wl-row"),
-            dash_table.DataTable(
-                id=self.id("wyckoff"), data=wyckoff_rows(number), page_size=8,
-                columns=[{"name": n, "id": i} for i, n in (("label", "Wyckoff"), ("multiplicity", "mult."),
-                                                          ("site_symmetry", "site sym."),
-                                                          ("coordinates", "coordinates"), ("dof", "DOF"))],
-                style_cell={"fontSize": 12, "padding": "2px 6px", "fontFamily": "monospace"},
-                style_header={"fontWeight": "bold"}, style_table={"overflowX": "auto"}),
+            wyckoff_table(self.id("wyckoff"), wyckoff_rows(number)),
             html.Div([
                 html.Div(dcc.Dropdown(id=self.id("pin-element"), placeholder="element"), className="wl-dd-small"),
                 html.Div(dcc.Dropdown(id=self.id("pin-position"), placeholder="Wyckoff position",

@@ -1,0 +1,238 @@
+"""Legible hulls and 3D views, the symmetry and generation forms (issue 17, part C): the hull figure's colour
+scale, units and labels (real MP-20 Al-Ca-Cu phases), a build only on request with its cost, element colours
+that differ, the orbit and Wyckoff tables, the chemist's order of a system, the cell-size warning, the
+charge-balanced box, and, in headless Chromium, label boxes, the toolbar, the figure's size and the colour key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+from pymatgen.core import Composition
+
+from wyckoff_lab.core.hull import tie_lines
+from wyckoff_lab.widgets.hull import MAX_HULL_COLOR_EV, hull_figure, label_box, place_labels
+
+SYSTEM = ("Al", "Ca", "Cu")
+
+
+def mp20_hull(root: Path, elements=SYSTEM) -> dict:
+    """The hull data the Hull tab draws, from real MP-20 phases of `elements` at their DFT formation energies
+    (every split; no relaxation), in the form `jobs.hull_data` stores."""
+    table = pd.concat([pd.read_csv(root / "mp_20" / f"{split}.csv.gz") for split in ("train", "val", "test")])
+    entries = [PDEntry(Composition(el), 0.0, name=el) for el in elements]
+    for _, row in table.iterrows():
+        comp = Composition(row["pretty_formula"])
+        if {e.symbol for e in comp} <= set(elements) and len(comp) > 1:
+            entries.append(PDEntry(comp, row["formation_energy_per_atom"] * comp.num_atoms, name=row["material_id"]))
+    diagram = PhaseDiagram(entries)
+    refs = [{"formula": e.composition.reduced_formula, "source": e.name,
+             "composition": {el.symbol: float(a) for el, a in e.composition.items()},
+             "formation_energy_per_atom": diagram.get_form_energy_per_atom(e),
+             "e_above_hull": diagram.get_e_above_hull(e), "on_hull": e in diagram.stable_entries}
+            for e in entries]
+    return {"elements": list(elements), "potential": "MP-20 DFT", "references": refs, "tie_lines": tie_lines(diagram)}
+
+
+@pytest.fixture(scope="module")
+def hull(real_data):
+    return mp20_hull(real_data)
+
+
+def candidates(e_above: list[float], formula: str = "CaAl2Cu") -> list[dict]:
+    return [{"id": f"c{i}", "label": i + 1, "formula": formula, "sg_label": "P1", "e_above_hull": e,
+             "formation_energy_per_atom": -0.2 + e} for i, e in enumerate(e_above)]
+
+
+def _intersect(a, b) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+# -- hull figure ------------------------------------------------------------------------------------------------------
+
+
+def test_colour_scale_resolves_half_an_ev_and_says_what_lies_above(hull):
+    figure = hull_figure(hull, candidates([0.05, 0.3, 0.45, 0.9]))
+    marker = next(t for t in figure.data if t.name == "candidates").marker
+    assert marker.cmin == 0 and marker.cmax == MAX_HULL_COLOR_EV == 0.5
+    assert list(marker.color) == [0.05, 0.3, 0.45, 0.5]  # 0.3 and 0.45 get different colours; 0.9 the top one
+    assert marker.colorbar.ticktext[-1] == "≥ 0.5" and "eV/atom" in marker.colorbar.title.text
+
+
+def test_every_energy_is_in_ev_per_atom(hull):
+    figure = hull_figure(hull, candidates([0.12]))
+    hovers = [h for t in figure.data for h in (getattr(t, "hovertext", None) or getattr(t, "text", None) or [])]
+    assert hovers and not any("meV" in h for h in hovers)
+    assert any("E above hull = 0.120 eV/atom" in h for h in hovers)
+
+
+def test_ternary_labels_of_the_mp20_al_ca_cu_phases_do_not_overlap(hull):
+    figure = hull_figure(hull, [])
+    stable = next(t for t in figure.data if t.name == "stable reference")
+    assert sum(bool(t) for t in stable.text) >= 10  # MP-20 has 12 stable Al-Ca-Cu phases: nearly all labelled
+    # the placement's own boxes, in px at the nominal triangle size, never meet
+    from wyckoff_lab.widgets.hull import NOMINAL_PLOT_PX, ternary_xy, _fractions
+
+    refs = [r for r in hull["references"] if r["on_hull"]]
+    xy = [ternary_xy(_fractions(r["composition"], hull["elements"])) for r in refs]
+    boxes = [label_box(NOMINAL_PLOT_PX * x, NOMINAL_PLOT_PX * y, text, pos)
+             for (x, y), text, pos in zip(xy, stable.text, stable.textposition) if text]
+    assert not any(_intersect(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_a_crowded_cluster_leaves_labels_to_the_hover_rather_than_overlapping():
+    points = [(100 + 3 * i, 100 + 2 * i) for i in range(12)]
+    texts = [f"Ca{i}Al{i}Cu" for i in range(12)]
+    positions = place_labels(points, texts)
+    boxes = [label_box(*p, t, pos) for p, t, pos in zip(points, texts, positions) if pos]
+    assert 0 < len(boxes) < 12
+    assert not any(_intersect(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert place_labels(points, texts) == positions  # deterministic
+
+
+def test_binary_hulls_label_their_stable_phases(real_data):
+    binary = mp20_hull(real_data, ("Al", "Cu"))
+    figure = hull_figure(binary, candidates([0.1], "AlCu"))
+    line = next(t for t in figure.data if t.name == "hull (stable phases)")
+    stable = sorted(r["formula"] for r in binary["references"] if r["on_hull"])
+    assert "text" in line.mode and sorted(t for t in line.text if t) == stable
+
+
+def test_the_title_and_toolbar_have_their_own_places(hull):
+    figure = hull_figure(hull, [])
+    assert figure.layout.modebar.orientation == "v" and figure.layout.title.xanchor == "left"
+    assert figure.layout.margin.t >= 60 and figure.layout.height >= 600
+    assert "Ca-Al-Cu convex hull" in figure.layout.title.text  # a chemist's order
+
+
+# -- build only on request --------------------------------------------------------------------------------------------
+
+
+def test_the_hull_tab_offers_a_build_with_its_cost_and_relaxes_nothing(mp20_al_ca_cu, monkeypatch):
+    from wyckoff_lab.core.pipeline import HullBook
+    from wyckoff_lab.core.relax import load_potential
+    from wyckoff_lab.widgets.hull import hull_plan
+
+    monkeypatch.setenv("WYCKOFF_LAB_DATA", str(mp20_al_ca_cu))
+    book = HullBook(load_potential("chgnet"), dataset="mp_20")
+    started = time.perf_counter()
+    plan = hull_plan(book, ["Cu", "Al", "Ca"])
+    assert time.perf_counter() - started < 30  # a plan, not a build (that relaxes every reference: minutes)
+    assert plan.n_references >= 12 and plan.n_uncached == plan.n_references  # a fresh cache: all of them to do
+    assert plan.estimated_s > 0
+    assert not book._hulls  # nothing built or remembered as built
+
+
+def test_the_offer_says_what_to_do_first_and_when_a_hull_is_already_shown():
+    from wyckoff_lab.widgets.hull import build_offer
+
+    class Sessions:
+        def __init__(self, records, hull):
+            self.records, self.hull = records, hull
+
+        def candidates(self, _sid):
+            return self.records
+
+        def get(self, _sid, key):
+            return self.hull if key == "hull" else None
+
+    class Context:
+        def __init__(self, records, hull=None):
+            self.sessions = Sessions(records, hull)
+
+    assert "Generate candidates first" in build_offer(Context([]), "s")
+    records = [{"elements": ["Al", "Ca", "Cu"]}]
+    shown = build_offer(Context(records, {"elements": ["Al", "Ca", "Cu"]}), "s")
+    assert "Ca-Al-Cu hull of this session is shown" in shown
+
+
+# -- status lines -----------------------------------------------------------------------------------------------------
+
+
+def test_a_switched_system_clears_the_status_and_a_cancel_the_progress_label():
+    from dash import no_update
+
+    from wyckoff_lab.widgets.generate import cleared_status
+
+    assert cleared_status("wl-chemistry", "wl-gen-cancel") == ("", "")
+    assert cleared_status("wl-gen-cancel", "wl-gen-cancel") == (no_update, "")
+
+
+# -- 3D view ----------------------------------------------------------------------------------------------------------
+
+
+def test_al_ca_cu_get_colours_that_differ():
+    from crystal_toolkit.core.legend import EL_COLORS
+
+    from wyckoff_lab.widgets.structure_view import MIN_DELTA_E, _hex, delta_e, element_colors
+
+    vesta = {el: _hex(EL_COLORS["VESTA"][el]) for el in SYSTEM}
+    assert delta_e(vesta["Al"], vesta["Ca"]) < MIN_DELTA_E  # the issue: VESTA's blues
+    colours = element_colors(SYSTEM)
+    assert min(delta_e(colours[a], colours[b]) for a, b in (("Al", "Ca"), ("Al", "Cu"), ("Ca", "Cu"))) >= MIN_DELTA_E
+    assert colours["Al"] == vesta["Al"] and colours["Cu"] == vesta["Cu"]  # the familiar colours stay where they can
+    assert element_colors(["Na", "Cl"]) == {"Na": _hex(EL_COLORS["VESTA"]["Na"]), "Cl": _hex(EL_COLORS["VESTA"]["Cl"])}
+
+
+def test_the_orbit_table_shows_free_parameters_in_full():
+    from wyckoff_lab.widgets.structure_view import ORBIT_TABLE_STYLE
+
+    cell = ORBIT_TABLE_STYLE["style_cell"]
+    assert cell["whiteSpace"] == "normal" and cell["textOverflow"] != "ellipsis" and cell["overflow"] == "visible"
+
+
+# -- symmetry and chemistry forms -------------------------------------------------------------------------------------
+
+
+def test_the_wyckoff_table_shows_every_position_of_fm3m_on_one_sortable_page():
+    from wyckoff_lab.widgets.symmetry import wyckoff_rows, wyckoff_table
+
+    table = wyckoff_table("t", wyckoff_rows(225))
+    labels = [row["label"] for row in table.data]
+    assert table.page_action == "none" and table.sort_action == "native"
+    assert labels[0] == "192l" and labels[-2:] == ["4b", "4a"]  # International Tables order, all there
+
+
+def test_systems_read_in_a_chemists_order():
+    from wyckoff_lab.widgets.chemistry import system_text
+    from wyckoff_lab.widgets.symmetry import template_verdict
+
+    assert system_text(["Al", "Ca", "Cu"]) == "Ca-Al-Cu" and system_text(["O", "P", "Fe", "Li"]) == "Li-Fe-P-O"
+    assert system_text(["Cl", "Ne", "Na"]) == "Na-Cl-Ne"  # no electronegativity: last
+    assert "Ca-Al-Cu fits" in template_verdict(["Al", "Ca", "Cu"], None, 139, [], 20).headline
+
+
+def test_max_atoms_below_the_formulas_known_cell_is_warned(real_data):
+    from wyckoff_lab.widgets.chemistry import cell_size_warning, smallest_known_cells
+
+    # MP-20's rows as the reference table holds them (formula, atoms per primitive cell); LiFePO4 is in `val`
+    rows = pd.read_csv(real_data / "mp_20" / "val.csv.gz", usecols=["pretty_formula", "num_atoms"])
+    known = smallest_known_cells(rows.rename(columns={"pretty_formula": "formula"}))
+    assert known["LiFePO4"] == 14
+    assert cell_size_warning("LiFePO4", 10, known) == ("LiFePO4 needs 14 atoms in the primitive cell in MP-20; "
+                                                       "raise max atoms (now 10)")
+    assert cell_size_warning("LiFePO4", 20, known) is None
+    assert "28 atoms in the primitive cell in MPTS-52" in cell_size_warning("LiFePO4", 20, {"LiFePO4": 28}, "MPTS-52")
+    assert "12 atoms per formula unit" in cell_size_warning("Ca3Al7Cu2", 6, {})  # not in the data: its formula unit
+
+
+def test_the_generate_panel_has_the_charge_balanced_box_and_never_ignores_it():
+    import dataclasses
+
+    from wyckoff_lab.widgets.generate import request_for
+    from wyckoff_lab.widgets.jobs import GenerationRequest, JobError
+
+    plain = request_for("pyxtal", 5, {"elements": ["Na", "Cl"]}, {}, 1.0, 0, "", {}, False)
+    assert plain.elements == ["Na", "Cl"]
+    if "charge_balanced" in {f.name for f in dataclasses.fields(GenerationRequest)}:
+        assert request_for("pyxtal", 5, {"elements": ["Na", "Cl"]}, {}, 1.0, 0, "", {}, True).charge_balanced
+    else:  # the job layer does not carry it yet: refused by name, not dropped
+        with pytest.raises(JobError, match="charge-balanced"):
+            request_for("pyxtal", 5, {"elements": ["Na", "Cl"]}, {}, 1.0, 0, "", {}, True)

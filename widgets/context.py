@@ -111,7 +111,7 @@ class LabContext:
             folder.mkdir(parents=True, exist_ok=True)
         self.work_dir = folder
         self.sessions = SessionStore(str(folder / "sessions"))
-        self.ready = threading.Event()  # everything loaded: background jobs may fork
+        self.ready = threading.Event()  # everything loaded in this process (its own callbacks; jobs load in the job server)
         self.generators_ready = threading.Event()  # generators loaded: the generate form can be used
         if self.settings.work_dir is not None:  # a restart with the same --work-dir keeps its sessions
             use_secret_file(folder / SECRET_FILE)
@@ -138,7 +138,7 @@ class LabContext:
         if self._warm_up_started or self.ready.is_set():
             return
         self._warm_up_started = True
-        self.manager.warm_up_jobs()  # the job server loads its own copy, single-threaded (see the manager)
+        self.manager.start_job_server()  # (already started by `wyckoff-lab app`; see the manager)
         threading.Thread(target=self.warm_up, name="wyckoff-lab-warm-up", daemon=True).start()
 
     def start_job_server(self) -> int:
@@ -161,11 +161,11 @@ class LabContext:
     # -- warm-up --------------------------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Load what the first user action needs (generators, reference data, potential), then open the job gate.
+        """Load what this server's own callbacks need (generators, reference data, potential), then set `ready`.
 
-        Background jobs are forked from this process: loading here once means no job pays for it again, and the
-        job gate (`ready`) keeps a fork from happening while a model is half loaded. Generators come first and
-        say so (`generators_ready`): the generate form waits only for them, not for the potential.
+        Background jobs do not use these: the job server loads its own copy, single-threaded, and is told to start
+        once the generators are loaded here (so that on two cores the form is not delayed by both loading at once).
+        Generators come first and say so (`generators_ready`): the generate form waits only for them.
         """
         t0 = time.perf_counter()
         try:
@@ -173,6 +173,9 @@ class LabContext:
                 self.generator_status(name)
             self.generators_ready.set()
             log.info("generators loaded in %.1f s", time.perf_counter() - t0)
+            # Only now the job server loads its own copy: on two cores, both loading at once would delay the form.
+            # A job asked for earlier starts its loading at once (the zygote loads on the first job too).
+            self.manager.warm_up_jobs()
             self.references()
             self.spacegroup_frequencies()
             self.potential()
@@ -180,6 +183,7 @@ class LabContext:
             log.exception("warm-up failed")
         finally:
             self.generators_ready.set()
+            self.manager.warm_up_jobs()  # (again after a failure: the message is idempotent)
             self.ready.set()
             log.info("warm-up done in %.1f s", time.perf_counter() - t0)
 
@@ -308,7 +312,7 @@ class WarmUpState:
         if self.done:
             return ""
         if not self.steps:
-            return "starting the job server…"
+            return "preparing background jobs (loading the generators first)…"
         return f"loading {self.label}, {min(self.step + 1, self.steps)} of {self.steps}"
 
 

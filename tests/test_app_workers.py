@@ -67,6 +67,34 @@ def test_a_job_asked_for_during_warm_up_is_queued_and_then_runs_lock_free(tmp_pa
     assert context.manager.jobs_ready.is_set() and context.manager.warm_up_state.message() == ""
 
 
+def test_a_queued_job_that_is_cancelled_never_runs_and_a_running_one_dies_with_its_group(tmp_path):
+    global CONTEXT
+    from wyckoff_lab.widgets.context import LabContext, LabSettings
+
+    CONTEXT = context = LabContext(LabSettings(work_dir=tmp_path / "work"))
+    context.manager._warm_up_steps = lambda: [("a slow step", lambda: time.sleep(2))]
+    context.start_job_server()
+    queued = context.manager.call_job_fn("never", _threads_job, (), {})  # asking for a job starts the loading
+    assert context.manager.job_running(queued)
+    context.manager.terminate_job(queued)  # server code outside a request may stop any job it started
+    assert not context.manager.job_running(queued)
+    _wait(context.manager.jobs_ready.is_set, 30, "the end of the warm-up")
+    running = context.manager.call_job_fn("sleeper", _sleep_job, (), {})
+    _wait(lambda: context.manager.started_job(running) and context.manager.started_job(running).pid, 10, "the fork")
+    pid = context.manager.started_job(running).pid
+    context.manager.terminate_job(running)
+    _wait(lambda: not context.manager.job_running(running), 10, "the job to stop")
+    time.sleep(1)
+    assert context.manager.handle.get("never") is None  # the cancelled job was dropped from the queue
+    import psutil
+
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _sleep_job(key, progress_key, args, context):
+    time.sleep(60)
+
+
 def test_twenty_hull_builds_in_a_row_complete(tmp_path, mp20_al_ca_cu, monkeypatch):
     """Twenty hull jobs (Cu, CHGNet, 20 FIRE steps; references cached after the first) each complete."""
     global CONTEXT

@@ -176,3 +176,62 @@ def test_mattersim_download_host_is_probed_once_and_the_answer_kept(tmp_path, mo
     # a day later the host is tried again
     assert relax_mod._remembered_probe_failure(now=relax_mod.time.time() + relax_mod.MATTERSIM_PROBE_TTL_S + 1) \
         is None
+
+
+@pytest.mark.needs_chromium
+def test_relax_all_fills_the_table_while_it_runs_in_chromium(mp20_al_ca_cu, tmp_path):
+    """The real app: "Relax all" on generated candidates shows relaxed rows and an ETA while the job still runs
+    (the table used to stay as generated until the whole job, hull included, had finished)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from app_timing import free_port, start_browser, stop_process
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from wyckoff_lab.app.commands.app import wait_until_up
+
+    port = free_port()
+    env = dict(os.environ, WYCKOFF_LAB_DATA=str(mp20_al_ca_cu), WYCKOFF_LAB_CACHE=str(tmp_path / "cache"),
+               OMP_NUM_THREADS="1")
+    log = open(tmp_path / "app.log", "w")
+    process = subprocess.Popen([str(Path(sys.executable).with_name("wyckoff-lab")), "app", "--no-browser", "--port",
+                                str(port), "--potential", "chgnet", "--relax-max-steps", "5", "--samples", "12",
+                                "--elements", "Al,Ca,Cu"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    browser = None
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        assert wait_until_up(url, 120), (tmp_path / "app.log").read_text()
+        browser = start_browser(tmp_path / "profile")
+        wait = WebDriverWait(browser, 240, poll_frequency=0.2)
+        text = lambda element_id: browser.find_element(By.ID, element_id).text  # noqa: E731
+        browser.get(url)
+        wait.until(ec.element_to_be_clickable((By.ID, "wl-gen-run")))
+        browser.find_element(By.ID, "wl-gen-run").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=formula]")))
+        wait.until(lambda d: "potential: " in text("wl-relax-potential") and "loading" not in
+                   text("wl-relax-potential"))
+        browser.find_element(By.ID, "wl-relax-all").click()
+        seen = []
+
+        def live(d) -> bool:
+            cells = [c.text for c in d.find_elements(By.CSS_SELECTOR,
+                                                      "#wl-cand-table td[data-dash-column=relax_status]")]
+            running = d.find_element(By.ID, "wl-relax-cancel").is_enabled()
+            seen.append((sum(bool(c.strip()) for c in cells), len(cells), running, text("wl-relax-progress-label")))
+            return running and 0 < seen[-1][0] and "s each · about" in seen[-1][3]
+
+        wait.until(live)
+        relaxed, shown, running, label = seen[-1]
+        assert running and relaxed >= 1 and "relaxed" in label, seen[-5:]
+        assert any("sym free" in c.text for c in browser.find_elements(
+            By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=relax_status]"))
+    finally:
+        if browser is not None:
+            browser.quit()
+        stop_process(process)
+        log.close()

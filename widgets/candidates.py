@@ -70,7 +70,7 @@ class CandidateTable(Widget):
                                 "unique_label": "relaxed structure: not a StructureMatcher match of an earlier "
                                                 "relaxed candidate",
                                 "sun_label": "stable (E hull < 0.1 eV/atom), unique and novel after relaxation",
-                                "relax_label": "status · whether symmetry was kept (FixSymmetry) or free; "
+                                "relax_status": "status · whether symmetry was kept (FixSymmetry) or free; "
                                                "converged = max atomic force < fmax and the cell's stress forces "
                                                "< fmax",
                                 "valid": "ok = no atoms closer than 0.5 Å and SMACT charge-neutral",

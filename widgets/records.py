@@ -32,7 +32,7 @@ TABLE_COLUMNS = (
     ("sun_label", "S.U.N.", "text"),
     ("energy_per_atom", "E (eV/atom)", "numeric"),
     ("e_above_hull", "E hull (eV/atom)", "numeric"),
-    ("relax_label", "relaxation", "text"),
+    ("relax_status", "relaxation", "text"),  # shown as relax_label: status · sym kept / free
     ("generator", "generator", "text"),
 )
 SUN_THRESHOLD_EV = 0.1  # eV/atom: "metastable" in the table's S.U.N. flag (sun_metrics' M.S.U.N. threshold)
@@ -126,7 +126,7 @@ def relaxed_display(record: dict) -> dict:
         label = spacegroup_label(relaxed)
         if relaxed and generated and relaxed != generated:
             label += " changed"
-    return {"relaxed_sg_label": label, "relax_label": relax_label(record)}
+    return {"relaxed_sg_label": label, "relax_status": relax_label(record)}
 
 
 def post_relaxation_flags(records: Sequence[dict], references=None) -> dict[str, dict]:

@@ -225,8 +225,9 @@ CIF_SYMPREC = 0.1  # Å: the tolerance the app detects candidates' space groups 
 def symmetrized_cif(structure: Structure, symprec: float = CIF_SYMPREC) -> tuple[str, str]:
     """(CIF text, note): the structure written with its symmetry (pymatgen's CifWriter at `symprec`: the space
     group, its operations and the asymmetric unit of the refined conventional cell) plus an
-    `_atom_site_Wyckoff_symbol` column (the letter, e.g. a; multiplicity is in its own column). The note says which group was written,
-    or why it fell back to P 1 (symmetry detection failed): the P 1 file then holds every atom as it was.
+    `_atom_site_Wyckoff_symbol` column (the letter, e.g. a; multiplicity is in its own column). The note says
+    which group was written, or why it fell back to P 1 (symmetry detection failed): the P 1 file then holds every
+    atom as it was.
     """
     from pymatgen.io.cif import CifWriter
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer

@@ -185,7 +185,6 @@ def test_relax_all_fills_the_table_while_it_runs_in_chromium(mp20_al_ca_cu, tmp_
     import os
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from app_timing import free_port, start_browser, stop_process

@@ -236,3 +236,117 @@ def test_the_generate_panel_has_the_charge_balanced_box_and_never_ignores_it():
     else:  # the job layer does not carry it yet: refused by name, not dropped
         with pytest.raises(JobError, match="charge-balanced"):
             request_for("pyxtal", 5, {"elements": ["Na", "Cl"]}, {}, 1.0, 0, "", {}, True)
+
+
+# -- in headless Chromium ---------------------------------------------------------------------------------------------
+
+RECT = "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom];"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from app_timing import start_browser
+
+    driver = start_browser(tmp_path_factory.mktemp("profile"))
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.needs_chromium
+def test_drawn_labels_and_title_do_not_collide_in_chromium(hull, browser, tmp_path):
+    """The MP-20 Al-Ca-Cu diagram as plotly.js draws it (inlined, offline): no two phase labels' boxes meet, and
+    the toolbar stays off the title."""
+    from selenium.webdriver.common.by import By
+
+    page = tmp_path / "hull.html"
+    hull_figure(hull, candidates([0.05, 0.3])).write_html(page, include_plotlyjs=True, full_html=True,
+                                                          config={"displaylogo": False}, default_width="900px")
+    browser.get(page.as_uri())
+    time.sleep(2)
+    labels = [e for e in browser.find_elements(By.CSS_SELECTOR, "g.textpoint text") if e.text.strip()]
+    boxes = [browser.execute_script(RECT, e) for e in labels]
+    assert len(boxes) >= 10
+    assert not any(_intersect(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), boxes
+    browser.execute_script("document.querySelector('.modebar').style.opacity = 1")
+    title = browser.execute_script(RECT, browser.find_element(By.CSS_SELECTOR, ".gtitle"))
+    modebar = browser.execute_script(RECT, browser.find_element(By.CSS_SELECTOR, ".modebar"))
+    assert title[2] > title[0] and modebar[3] > modebar[1] and not _intersect(title, modebar), (title, modebar)
+
+
+@pytest.fixture(scope="module")
+def app_url(mp20_al_ca_cu, tmp_path_factory):
+    """`wyckoff-lab app` in a subprocess (the module's one app start), PyXtal as the generator."""
+    from app_timing import free_port, stop_process
+
+    from wyckoff_lab.app.commands.app import wait_until_up
+
+    port = free_port()
+    home = tmp_path_factory.mktemp("app")
+    env = dict(os.environ, WYCKOFF_LAB_DATA=str(mp20_al_ca_cu), WYCKOFF_LAB_CACHE=str(home / "cache"),
+               WYCKOFF_LAB_MODELS=str(home / "no-models"), OMP_NUM_THREADS="1")
+    log = open(home / "app.log", "w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("wyckoff-lab")), "app", "--no-browser", "--port", str(port),
+         "--generator", "pyxtal", "--samples", "6", "--elements", "Al,Ca,Cu"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        assert wait_until_up(url, 120), (home / "app.log").read_text()
+        yield url
+    finally:
+        stop_process(process)
+        log.close()
+
+
+@pytest.mark.needs_chromium
+def test_the_real_app_lays_out_the_forms_the_scene_key_and_the_hull_tab(app_url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 180, poll_frequency=0.25)
+    text = lambda ident: browser.find_element(By.ID, ident).text
+    rect = lambda element: browser.execute_script(RECT, element)
+    browser.get(app_url)
+    wait.until(ec.element_to_be_clickable((By.ID, "wl-gen-run")))
+    wait.until(lambda d: "pyxtal" in text("wl-gen-generator"))
+    assert "Ca-Al-Cu" in text("wl-chem-summary") and "primitive cell" in text("wl-chem-summary")
+    assert "charge-balanced compositions only" in text("wl-gen-panel")
+
+    # generate, select: the colour key lies below the scene, not on it
+    browser.find_element(By.ID, "wl-gen-run").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=formula]"))
+    browser.find_elements(By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=formula]")[0].click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#wl-view-legend .wl-legend-chip"))
+    scene = rect(browser.find_element(By.CSS_SELECTOR, "#CTwl-view-ct_scene canvas"))
+    for chip in browser.find_elements(By.CSS_SELECTOR, "#wl-view-legend .wl-legend-chip"):
+        assert not _intersect(rect(chip), scene), (rect(chip), scene)
+    hidden = browser.find_elements(By.CSS_SELECTOR, "[id$='_legend_container']")
+    assert all(not e.is_displayed() for e in hidden)  # Crystal Toolkit's pills over the atoms are gone
+    for cell in browser.find_elements(By.CSS_SELECTOR, "#wl-view-orbits td[data-dash-column=free]"):
+        fits = browser.execute_script("const c = arguments[0].querySelector('div') || arguments[0];"
+                                      "return c.scrollWidth <= c.clientWidth + 1 &&"
+                                      " getComputedStyle(c).textOverflow !== 'ellipsis';", cell)
+        assert fits, cell.text
+
+    # the hull tab: nothing is built unasked; the button says what a build costs; the diagram is the main element
+    browser.find_element(By.XPATH, "//*[@id='wl-tabs']//*[text()='Hull']").click()
+    wait.until(lambda d: "Build hull" in text("wl-hull-offer"))
+    time.sleep(3)
+    assert text("wl-hull-status") == "" and text("wl-hull-progress-label") == ""
+    assert browser.find_element(By.ID, "wl-hull-build").is_enabled()  # no build job holds the button
+    assert "reference phases" in text("wl-hull-offer")
+    diagram = rect(browser.find_element(By.ID, "wl-hull-diagram"))
+    main = rect(browser.find_element(By.CSS_SELECTOR, ".wl-main"))
+    assert diagram[2] - diagram[0] >= 0.85 * (main[2] - main[0]) and diagram[3] - diagram[1] >= 600
+
+    # the Wyckoff table: Fm-3m's 4a and 4b on the one page, reached by scrolling, no pager
+    dropdown = browser.find_element(By.CSS_SELECTOR, "#wl-sym-spacegroup input")
+    dropdown.send_keys("225")
+    wait.until(lambda d: d.find_elements(By.XPATH, "//*[contains(@class,'VirtualizedSelectOption')][contains(., 'Fm-3m')]"))
+    browser.find_element(By.XPATH, "//*[contains(@class,'VirtualizedSelectOption')][contains(., 'Fm-3m')]").click()
+    wait.until(lambda d: "4a" in text("wl-sym-wyckoff"))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#wl-sym-wyckoff .previous-next-container")
+    labels = [c.get_attribute("textContent") for c in
+              browser.find_elements(By.CSS_SELECTOR, "#wl-sym-wyckoff td[data-dash-column=label]")]
+    assert labels[0] == "192l" and {"4a", "4b"} <= set(labels)

@@ -392,7 +392,9 @@ class HullView(Widget):
             progress=[Output(self.id("progress-label"), "children")],
             interval=context.settings.progress_interval_ms, prevent_initial_call=True,
         )
-        def build(set_progress, _clicks, session, cancel_clicks):
+        def build(set_progress, clicks, session, cancel_clicks):
+            if not clicks:  # the tab being mounted fires this despite prevent_initial_call: build only on a click
+                return no_update, no_update
             sid = (session or {}).get("sid")
             try:
                 summary = hull_for_session(context, sid, lambda done, total, label: set_progress(label),

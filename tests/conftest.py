@@ -125,3 +125,32 @@ def mp20_al_ca_cu(real_data, tmp_path_factory):
         table = pd.read_csv(real_data / "mp_20" / f"{name}.csv.gz")
         table[table["elements"].map(_in_system) | (table.index < 10)].to_csv(out / f"{name}.csv.gz", index=False)
     return out.parent
+
+
+# Prototype chemistry for the substitution generator: alkali halides and oxides, alkaline-earth and transition-metal
+# oxides and the intermetallics of a few metals, so that Na-Cl, Li-Mn-O, CaCu5 and Al-Ca-Cu have prototypes of
+# other systems.
+PROTOTYPE_ELEMENTS = {"Li", "Na", "K", "Cs", "Ag", "F", "Cl", "Br", "I", "O", "Mg", "Ca", "Sr", "Mn", "Fe", "Co", "Ni",
+                      "Al", "Cu", "Zn", "Ga", "La", "Y", "Ce", "Pr", "Nd", "Sm", "Gd", "Si", "Ge", "Sn", "In"}
+
+
+def _prototype_row(elements: str) -> bool:
+    import ast
+
+    found = set(ast.literal_eval(elements))
+    return found <= PROTOTYPE_ELEMENTS and len(found) <= 3
+
+
+@pytest.fixture(scope="session")
+def mp20_with_prototypes(real_data, tmp_path_factory):
+    """`mp20_al_ca_cu`'s rows plus the real MP-20 rows of at most three PROTOTYPE_ELEMENTS (about a tenth of
+    MP-20), so that generators which exchange ions into known crystals find prototypes; parsed once a session."""
+    import pandas as pd
+
+    out = tmp_path_factory.mktemp("data-prototypes") / "mp_20"
+    out.mkdir()
+    for name in ("train", "val", "test", "train_meta_nocoords"):
+        table = pd.read_csv(real_data / "mp_20" / f"{name}.csv.gz")
+        keep = table["elements"].map(_in_system) | (table.index < 10) | table["elements"].map(_prototype_row)
+        table[keep].to_csv(out / f"{name}.csv.gz", index=False)
+    return out.parent

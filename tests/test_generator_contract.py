@@ -69,7 +69,13 @@ IMPOSSIBLE = {
 
 # Contract items a current generator breaks, as (generator, test, case) -> the exact failure. Generator code is
 # not edited from here; each entry is a strict xfail, so a fix shows up as XPASS and the entry must go.
-KNOWN_BREACHES: dict[tuple[str, str, str], str] = {}
+KNOWN_BREACHES: dict[tuple[str, str, str], str] = {
+    # Ion exchange gives at most one structure per prototype structure type; in this folder's prototypes (the
+    # mp20_with_prototypes rows) CaCu5 has two distinct ones and Al-Ca-Cu in I4/mmm one, against the 4 of 8 asked.
+    ("substitution", "honoured", "formula"): "2 distinct CaCu5 structure types among the test folder's prototypes",
+    ("substitution", "honoured", "spacegroup"): "1 distinct Al-Ca-Cu I4/mmm structure among the test folder's "
+                                                "prototypes",
+}
 
 
 def _params(test: str, cases_by_generator) -> list:
@@ -112,11 +118,12 @@ def _request(cls, condition: str) -> Conditions:
 
 
 @pytest.fixture(scope="module")
-def small_mp20_data(mp20_al_ca_cu):
-    """The small real MP-20 folder as the data (PyXtal's unconditioned draws parse its train split in seconds)."""
+def small_mp20_data(mp20_with_prototypes):
+    """A small real MP-20 folder as the data (unconditioned draws parse its train split in seconds; it holds
+    prototypes of other systems for every request here, for generators that exchange ions into known crystals)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WYCKOFF_LAB_DATA", str(mp20_al_ca_cu))
-        yield mp20_al_ca_cu
+        patch.setenv("WYCKOFF_LAB_DATA", str(mp20_with_prototypes))
+        yield mp20_with_prototypes
 
 
 @pytest.fixture(scope="module")

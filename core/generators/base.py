@@ -473,4 +473,5 @@ def _load_builtin() -> None:
 BUILTIN_GENERATORS: Iterable[str] = (
     "wyckoff_lab.core.generators.wyckoff_transformer",
     "wyckoff_lab.core.generators.pyxtal_baseline",
+    "wyckoff_lab.core.generators.substitution",
 )

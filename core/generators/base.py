@@ -214,6 +214,9 @@ FAILURE_REASONS = {
     "no_feasible_spacegroup": "no space group's Wyckoff multiplicities add up to the composition within the atom "
                               "limit",
     "no_charge_balanced_composition": "no charge-balanced composition of the elements fits within the atom limit",
+    "not_charge_balanced": "the structure's composition was not charge balanced (charge-balanced compositions only)",
+    "no_prototype": "no known crystal could be exchanged into the drawn chemical system",
+    "prototypes_exhausted": "every prototype that can be exchanged into the request was used (or was a duplicate)",
 }
 
 

@@ -163,7 +163,8 @@ class PyXtalGenerator(Generator):
 
     name = "pyxtal"
     description = "PyXtal random symmetric crystals with charge compensation (the Matra-Genoa baseline)"
-    supported_conditions = frozenset({"elements", "formula", "spacegroup", "max_atoms", "template"})
+    # Every composition it tries is charge balanced (alloys count as balanced), so charge_balanced holds.
+    supported_conditions = frozenset({"elements", "formula", "spacegroup", "max_atoms", "template", "charge_balanced"})
     uses_temperature = False
     parallel_safe = True  # one random symmetric structure at a time, in Python
     default_max_atoms = DEFAULT_MAX_ATOMS

@@ -175,7 +175,8 @@ class SubstitutionGenerator(Generator):
 
     name = "substitution"
     description = "Ion exchange into known prototypes (pymatgen's data-mined substitution probabilities)"
-    supported_conditions = frozenset({"elements", "formula", "spacegroup", "max_atoms"})
+    # Ionic exchanges are kept only when neutral (alloys count as balanced), so charge_balanced holds.
+    supported_conditions = frozenset({"elements", "formula", "spacegroup", "max_atoms", "charge_balanced"})
     uses_temperature = True  # draws weighted by probability^(1/T)
     default_max_atoms = MAX_ATOMS
     preference = 40  # after the trained models, before the random baseline

@@ -140,7 +140,7 @@ def one_run(args, driver, env) -> dict:
         wait = WebDriverWait(driver, 300, poll_frequency=0.05)
         for symbol in ("Al", "Ca", "Cu"):
             driver.find_element(By.CSS_SELECTOR, f"button[id*='\"el\":\"{symbol}\"']").click()
-        wait.until(lambda d: "Al-Ca-Cu" in text("wl-chem-summary"))
+        wait.until(lambda d: "Ca-Al-Cu" in text("wl-chem-summary"))
         seed = driver.find_element(By.ID, "wl-gen-seed")  # a fresh seed: new candidates, no cached relaxation
         seed.clear()
         seed.send_keys(str(args.seed if args.seed is not None else int(time.time()) % 100000))

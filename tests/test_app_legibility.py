@@ -5,7 +5,6 @@ charge-balanced box, and, in headless Chromium, label boxes, the toolbar, the fi
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -223,19 +222,22 @@ def test_max_atoms_below_the_formulas_known_cell_is_warned(real_data):
     assert "12 atoms per formula unit" in cell_size_warning("Ca3Al7Cu2", 6, {})  # not in the data: its formula unit
 
 
-def test_the_generate_panel_has_the_charge_balanced_box_and_never_ignores_it():
-    import dataclasses
-
+def test_the_generate_panel_has_the_charge_balanced_box_and_never_ignores_it(shipped_generator):
+    """The box reaches the job's conditions, and the job makes only balanced compositions (the transformer does
+    not declare the condition: the shared resampler enforces it)."""
+    from wyckoff_lab.core.compositions import is_charge_balanced
     from wyckoff_lab.widgets.generate import request_for
-    from wyckoff_lab.widgets.jobs import GenerationRequest, JobError
+    from wyckoff_lab.widgets.jobs import conditions_for, generate_in_workers
 
     plain = request_for("pyxtal", 5, {"elements": ["Na", "Cl"]}, {}, 1.0, 0, "", {}, False)
-    assert plain.elements == ["Na", "Cl"]
-    if "charge_balanced" in {f.name for f in dataclasses.fields(GenerationRequest)}:
-        assert request_for("pyxtal", 5, {"elements": ["Na", "Cl"]}, {}, 1.0, 0, "", {}, True).charge_balanced
-    else:  # the job layer does not carry it yet: refused by name, not dropped
-        with pytest.raises(JobError, match="charge-balanced"):
-            request_for("pyxtal", 5, {"elements": ["Na", "Cl"]}, {}, 1.0, 0, "", {}, True)
+    assert plain.elements == ["Na", "Cl"] and not conditions_for(plain).charge_balanced
+    request = request_for("wyckoff-transformer", 6, {"elements": ["Na", "Cl"]}, {"spacegroup": 225}, 1.0, 0, "",
+                          {}, True)
+    conditions = conditions_for(request)
+    assert conditions.charge_balanced
+    result = generate_in_workers(shipped_generator, 6, conditions, 1.0, 0, 1, lambda done, total: None)
+    assert len(result.candidates) == 6
+    assert all(is_charge_balanced(c.structure.composition) for c in result.candidates)
 
 
 # -- in headless Chromium ---------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ its options row: a new generator appears here without UI changes.
 
 from __future__ import annotations
 
-import dataclasses
 
 from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 from wyckoff_lab.widgets.base import Widget
@@ -39,22 +38,14 @@ CHARGE_BALANCED_HELP = ("Keep only compositions where one oxidation state per el
 
 def request_for(name, n, chemistry: dict | None, symmetry: dict | None, temperature, seed, stability,
                 options: dict, charge_balanced: bool) -> GenerationRequest:
-    """The GenerationRequest of the panel's controls. `charge_balanced` travels where the request takes it
-    (`GenerationRequest.charge_balanced`); a request type without that field cannot honour the box, which is
-    then refused by name rather than ignored."""
+    """The GenerationRequest of the panel's controls."""
     chemistry, symmetry = chemistry or {}, symmetry or {}
-    extra = {}
-    if charge_balanced:
-        if "charge_balanced" not in {f.name for f in dataclasses.fields(GenerationRequest)}:
-            raise JobError("This app's generation jobs cannot yet honour “charge-balanced compositions only”; "
-                           "untick it, or use `wyckoff-lab sample --charge-balanced`")
-        extra["charge_balanced"] = True
     return GenerationRequest(
         generator=name, n=n, elements=chemistry.get("elements") or None,
         formula=chemistry.get("formula"), max_atoms=chemistry.get("max_atoms"),
         spacegroup=symmetry.get("spacegroup"), template=symmetry.get("template"),
         temperature=temperature or 1.0, seed=None if seed in (None, "") else int(seed),
-        stability=stability or None, options=options, **extra)
+        stability=stability or None, options=options, charge_balanced=bool(charge_balanced))
 
 
 def cleared_status(trigger: str, cancel_id: str):

@@ -141,6 +141,7 @@ class GenerationRequest:
     temperature: float = 1.0
     seed: int | None = None
     stability: str | None = None
+    charge_balanced: bool = False  # charge-balanced compositions only (quality.generate_charge_balanced)
     # The generator's per-request options (its declared `GeneratorOption`s, e.g. {"oversample": 3}).
     options: dict = field(default_factory=dict)
 
@@ -157,6 +158,7 @@ def conditions_for(request: GenerationRequest):
             template=tuple(tuple(p) for p in request.template or ()),
             stability=request.stability or None,
             max_atoms=request.max_atoms or None,
+            charge_balanced=bool(request.charge_balanced),
         )
     except (ValueError, KeyError) as exc:
         raise JobError(f"Invalid conditions: {exc.args[0] if exc.args else exc}") from None
@@ -184,8 +186,10 @@ def generate_in_workers(generator, n: int, conditions, temperature: float, seed:
     (they share its process group). The caller closes its sqlite connections first (`LabContext.close_connections`);
     the job process is single-threaded (forked by the job server), and `FORK_THREADS` records that per fork.
     """
+    from wyckoff_lab.core.generators.quality import generate_charge_balanced
+
     if workers <= 1:
-        return generator.generate(n, conditions, temperature=temperature, seed=seed, progress=progress)
+        return generate_charge_balanced(generator, n, conditions, temperature, seed, progress)
     import multiprocessing
 
     import numpy as np
@@ -201,8 +205,8 @@ def generate_in_workers(generator, n: int, conditions, temperature: float, seed:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = generator.generate(shares[i], conditions, temperature=temperature, seed=seeds[i],
-                                            progress=lambda d, _t: done.__setitem__(i, d))
+                result = generate_charge_balanced(generator, shares[i], conditions, temperature, seeds[i],
+                                                  lambda d, _t: done.__setitem__(i, d))
             connection.send(("ok", result))
         except BaseException as exc:  # reported to the job process, which raises it
             connection.send(("error", (isinstance(exc, ValueError), f"{exc}")))
@@ -221,8 +225,8 @@ def generate_in_workers(generator, n: int, conditions, temperature: float, seed:
         pipes.append(receive)
         processes.append(process)
     try:
-        own = generator.generate(shares[0], conditions, temperature=temperature, seed=seeds[0],
-                                 progress=lambda d, _t: (done.__setitem__(0, d), progress(sum(done), n)))
+        own = generate_charge_balanced(generator, shares[0], conditions, temperature, seeds[0],
+                                       lambda d, _t: (done.__setitem__(0, d), progress(sum(done), n)))
         results = [own]
         for receive in pipes:
             while not receive.poll(0.25):

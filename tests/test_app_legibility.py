@@ -158,7 +158,7 @@ def test_the_offer_says_what_to_do_first_and_when_a_hull_is_already_shown():
 def test_a_switched_system_clears_the_status_and_a_cancel_the_progress_label():
     from dash import no_update
 
-    from wyckoff_lab.widgets.generate import cleared_status
+    from wyckoff_lab.widgets.base import cleared_status
 
     assert cleared_status("wl-chemistry", "wl-gen-cancel") == ("", "")
     assert cleared_status("wl-gen-cancel", "wl-gen-cancel") == (no_update, "")

@@ -115,9 +115,32 @@ class Widget:
             cancel_jobs(self.context, sid, kind, clicks)
             return html.Div(message, className="wl-message is-warning")
 
+    def register_stale_status_clearing(self, app: Dash) -> None:
+        """A status belongs to its job: a switched chemical system drops the last job's "status" line and
+        "progress-label", a cancel the progress label (the cancel record writes the status itself)."""
+        from dash import Input, Output, ctx
+
+        @app.callback(
+            Output(self.id("status"), "children", allow_duplicate=True),
+            Output(self.id("progress-label"), "children", allow_duplicate=True),
+            Input(self.id("cancel"), "n_clicks"),
+            Input(self.links.chemistry, "data"),
+            prevent_initial_call=True,
+        )
+        def clear_stale_status(_cancel, _chemistry):
+            return cleared_status(ctx.triggered_id, self.id("cancel"))
+
     @property
     def ct_components(self) -> list:
         return []
+
+
+def cleared_status(trigger: str, cancel_id: str):
+    """(status, progress label) after `trigger` fired: a cancel keeps the status (its record writes it) and clears
+    the progress label; anything else (a switched system) clears both."""
+    from dash import no_update
+
+    return (no_update if trigger == cancel_id else "", "")
 
     def page_stores(self) -> list:
         """The shared stores this widget needs when it is shown alone (the Explorer provides them otherwise)."""

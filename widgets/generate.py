@@ -9,7 +9,7 @@ its options row: a new generator appears here without UI changes.
 from __future__ import annotations
 
 
-from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
+from dash import ALL, Input, Output, State, dcc, html, no_update
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.context import WARMUP_WAIT_S
 from wyckoff_lab.widgets.jobs import (
@@ -46,13 +46,6 @@ def request_for(name, n, chemistry: dict | None, symmetry: dict | None, temperat
         spacegroup=symmetry.get("spacegroup"), template=symmetry.get("template"),
         temperature=temperature or 1.0, seed=None if seed in (None, "") else int(seed),
         stability=stability or None, options=options, charge_balanced=bool(charge_balanced))
-
-
-def cleared_status(trigger: str, cancel_id: str):
-    """(status, progress label) after a cancel or a switch of chemical system: a status belongs to its job, so the
-    finished job's line goes when the system changes and the progress label goes with a cancelled job (the cancel
-    record writes the status itself)."""
-    return (no_update if trigger == cancel_id else "", "")
 
 
 def generator_options(context) -> tuple[list[dict], dict[str, str]]:
@@ -240,15 +233,7 @@ class GeneratePanel(Widget):
 
         self.register_cancel_record(app, CANCEL_KIND, GENERATION_CANCELLED)
 
-        @app.callback(
-            Output(self.id("status"), "children", allow_duplicate=True),
-            Output(self.id("progress-label"), "children", allow_duplicate=True),
-            Input(self.id("cancel"), "n_clicks"),
-            Input(self.links.chemistry, "data"),
-            prevent_initial_call=True,
-        )
-        def clear_stale_status(_cancel, _chemistry):
-            return cleared_status(ctx.triggered_id, self.id("cancel"))
+        self.register_stale_status_clearing(app)
 
 
 def _field(label: str, control):

@@ -4,11 +4,10 @@ candidates placed on it, and their e_above_hull histogram. Clicking a candidate 
 from __future__ import annotations
 
 import plotly.graph_objects as go
-from dash import Input, Output, State, ctx, dcc, html, no_update
+from dash import Input, Output, State, dcc, html, no_update
 from pymatgen.core import Composition
 from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.chemistry import system_text
-from wyckoff_lab.widgets.generate import cleared_status
 from wyckoff_lab.widgets.jobs import (
     HULL_CANCELLED,
     JobCancelled,
@@ -411,15 +410,5 @@ class HullView(Widget):
 
         self.register_cancel_record(app, CANCEL_KIND, HULL_CANCELLED)
 
-        @app.callback(
-            Output(self.id("status"), "children", allow_duplicate=True),
-            Output(self.id("progress-label"), "children", allow_duplicate=True),
-            Input(self.id("cancel"), "n_clicks"),
-            Input(self.links.chemistry, "data"),
-            prevent_initial_call=True,
-        )
-        def clear_stale_status(_cancel, _chemistry):
-            """A status belongs to its job: a switched system drops the last build's line, a cancel the progress
-            label (the cancel record writes the status)."""
-            return cleared_status(ctx.triggered_id, self.id("cancel"))
+        self.register_stale_status_clearing(app)
 

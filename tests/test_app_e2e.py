@@ -183,9 +183,15 @@ def test_full_workflow_in_chromium(app_url, browser, tmp_path):
                                                        "#wl-cand-table td[data-dash-column=relax_status]")]
     assert any(relaxed), relaxed  # what was relaxed before the cancel is still shown
 
-    # 7. hull tab (no hull built yet in this short run: the figure says how to get one)
+    # 7. hull tab: nothing is built on opening it; "Build hull" relaxes the references (40 steps each here)
     browser.find_element(By.XPATH, "//div[contains(@class,'wl-tab') and normalize-space()='Hull']").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#wl-hull-diagram .main-svg"))
+    assert "No hull yet" in text("wl-hull-diagram")
+    wait.until(ec.element_to_be_clickable((By.ID, "wl-hull-build"))).click()
+    WebDriverWait(browser, 300).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#wl-hull-diagram .ternarylayer")
+        and "No hull yet" not in text("wl-hull-diagram"))
+    time.sleep(1.0)  # let the labels settle before the screenshot
     _shot(browser, "hull", tmp_path)
 
     # 8. embeddings tab: the candidate map is computed when the tab opens

@@ -222,11 +222,14 @@ def test_relax_all_fills_the_table_while_it_runs_in_chromium(mp20_al_ca_cu, tmp_
                                                       "#wl-cand-table td[data-dash-column=relax_status]")]
             running = d.find_element(By.ID, "wl-relax-cancel").is_enabled()
             seen.append((sum(bool(c.strip()) for c in cells), len(cells), running, text("wl-relax-progress-label")))
-            return running and 0 < seen[-1][0] and "s each · about" in seen[-1][3]
+            # Both while the job runs, not necessarily in the same poll (a loaded machine may pass the last ETA
+            # before the table redraws): a relaxed row in the table, and an ETA in the progress line.
+            rows_while_running = any(r and n > 0 for n, _, r, _ in seen)
+            eta_while_running = any(r and "s each · about" in label for _, _, r, label in seen)
+            return rows_while_running and eta_while_running
 
         wait.until(live)
-        relaxed, shown, running, label = seen[-1]
-        assert running and relaxed >= 1 and "relaxed" in label, seen[-5:]
+        assert any(running and "relaxed" in label for _, _, running, label in seen), seen[-5:]
         assert any("sym free" in c.text for c in browser.find_elements(
             By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=relax_status]"))
     finally:

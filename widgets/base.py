@@ -134,14 +134,6 @@ class Widget:
     def ct_components(self) -> list:
         return []
 
-
-def cleared_status(trigger: str, cancel_id: str):
-    """(status, progress label) after `trigger` fired: a cancel keeps the status (its record writes it) and clears
-    the progress label; anything else (a switched system) clears both."""
-    from dash import no_update
-
-    return (no_update if trigger == cancel_id else "", "")
-
     def page_stores(self) -> list:
         """The shared stores this widget needs when it is shown alone (the Explorer provides them otherwise)."""
         return self.links.stores()
@@ -168,6 +160,14 @@ def cleared_status(trigger: str, cancel_id: str):
 
 
 _DEFAULT_CONTEXT: LabContext | None = None
+
+
+def cleared_status(trigger: str, cancel_id: str):
+    """(status, progress label) after `trigger` fired: a cancel keeps the status (its record writes it) and clears
+    the progress label; anything else (a switched system) clears both."""
+    from dash import no_update
+
+    return (no_update if trigger == cancel_id else "", "")
 
 
 def default_context() -> LabContext:

@@ -1,15 +1,19 @@
-"""Jupyter: the Explorer behind a real jupyter-server-proxy (JupyterHub's /proxy/PORT/ route) and at notebook width.
+"""Jupyter: the Explorer and a widget shown alone behind a real jupyter-server-proxy (JupyterHub's /proxy/PORT/
+route), and the Explorer at notebook width.
 
 A real `jupyter server` with a token runs in a temporary folder; the Explorer is shown the way a notebook cell
 shows it (`Explorer(port=...).show()`, its path prefix from WYCKOFF_LAB_PATH_PREFIX) in another process; headless
 Chromium opens http://127.0.0.1:JPORT/proxy/APORT/?token=... and must get past "Loading…" with every request
-under the prefix. The same page, at 900 and 1000 px wide, must not overlap the 3D scene with the Relax panel.
+under the prefix. The same page, at 900 and 1000 px wide, must not overlap the 3D scene with the Relax panel. A
+single widget's `show()` goes the same way (its page and scripts under the prefix, over real HTTP and through the
+proxy in Chromium).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -96,6 +100,102 @@ def test_explorer_port_is_checked():
     for bad in (0, 70000, "8050"):
         with pytest.raises(ValueError, match="port must be an integer"):
             Explorer(port=bad, context=object())
+
+
+def _get(url: str, headers=None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status, response.read().decode()
+
+
+def _shown_in_notebook(monkeypatch) -> list:
+    """What `show` puts in the notebook's output (IPython's `display` outside a kernel prints only a repr)."""
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    return shown
+
+
+def test_a_widget_shown_alone_serves_its_page_and_scripts_under_the_prefix(tmp_path, monkeypatch):
+    """TeachView.show(port, path_prefix) as a notebook cell runs it: its own server on 127.0.0.1:port, an iframe at
+    the prefix, a page whose every script (Dash's, Crystal Toolkit's) is requested under the prefix and is served at
+    the stripped path (what jupyter-server-proxy forwards); shown again, the same server; another port is refused."""
+    from wyckoff_lab.widgets import LabContext, LabSettings, TeachView
+
+    shown = _shown_in_notebook(monkeypatch)
+    context = LabContext(LabSettings(warm_up=False, work_dir=tmp_path / "work"))
+    port = free_port()
+    view = TeachView(context=context)
+    app = view.show(port=port, height=480, path_prefix="/hub/proxy/{port}")
+    try:
+        prefix = f"/hub/proxy/{port}/"
+        assert (view.url, view.browser_url) == (f"http://127.0.0.1:{port}/", prefix)
+        assert app.config.requests_pathname_prefix == prefix and app.config.routes_pathname_prefix == "/"
+        assert [(type(f).__name__, f.src, f.height) for f in shown] == [("IFrame", prefix, 480)]
+        status, index = _get(view.url)
+        config = json.loads(re.search(r'<script id="_dash-config" type="application/json">(.*?)</script>', index,
+                                      re.S).group(1))
+        scripts = re.findall(r'<script src="([^"]+)"', index)
+        # Stylesheets: Dash's under the prefix, Crystal Toolkit's relative to the page (so under it too).
+        styles = [href if href.startswith("/") else prefix + href
+                  for href in re.findall(r'<link rel="stylesheet" href="([^"]+)"', index)]
+        assert status == 200 and config["requests_pathname_prefix"] == prefix
+        assert len(scripts) > 5 and all(src.startswith(prefix) for src in scripts + styles), (scripts, styles)
+        assert any("_dash-component-suites/dash/" in src for src in scripts), scripts
+        assert any("dash_mp_components" in src for src in scripts), scripts  # Crystal Toolkit's 3D scene
+        assert any("wl-static/ct/" in href for href in styles), styles
+        for src in scripts + styles:
+            status, body = _get(view.url + src[len(prefix):])
+            assert status == 200 and len(body) > 100, src
+        _, layout = _get(view.url + "_dash-layout")
+        _, dependencies = _get(view.url + "_dash-dependencies")
+        assert '"wl-teach-group"' in layout and "wl-teach-" in dependencies and '"wl-warmup-text"' in layout
+        assert view.show() is app and shown[-1].src == prefix  # the running server, shown again
+        with pytest.raises(ValueError, match="already served on port"):
+            view.show(port=free_port())
+        with pytest.raises(ValueError, match="mode must be one of"):
+            view.show(mode="jupyterlab")
+    finally:
+        view.server.stop()
+
+
+@needs_chromium
+def test_a_widget_shown_alone_behind_jupyter_server_proxy(jupyter_server, tmp_path, monkeypatch):
+    """ChemistryPicker().show() with WYCKOFF_LAB_PATH_PREFIX=/proxy/{port}/, opened through the real proxy in
+    Chromium: past "Loading…" (an element clicked, the server's summary answers), every request under the prefix,
+    nothing failed, a clean console."""
+    pytest.importorskip("jupyter_server_proxy", reason="jupyter-server-proxy is not installed (pip install -e .[test])")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from wyckoff_lab.widgets import ChemistryPicker, LabContext, LabSettings
+
+    jport, token = jupyter_server
+    shown = _shown_in_notebook(monkeypatch)
+    monkeypatch.setenv(PATH_PREFIX_ENV, "/proxy/{port}/")
+    picker = ChemistryPicker(context=LabContext(LabSettings(warm_up=False, work_dir=tmp_path / "work")))
+    picker.show()
+    aport = picker.server.port
+    driver = start_browser(tmp_path / "profile", console_log=True)
+    try:
+        assert picker.browser_url == f"/proxy/{aport}/" and shown[0].src == picker.browser_url
+        driver.get(f"http://127.0.0.1:{jport}{picker.browser_url}?token={token}")
+        wait = WebDriverWait(driver, 60, poll_frequency=0.2)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button[id*='\"el\":\"Cu\"']"))
+        driver.find_element(By.CSS_SELECTOR, "button[id*='\"el\":\"Cu\"']").click()
+        wait.until(lambda d: "Chemical system Cu," in d.find_element(By.ID, "wl-chem-summary").text)
+        requested, failed = _network(driver)
+        served = [u for u in requested if u.startswith(f"http://127.0.0.1:{jport}/")]
+        outside = [u for u in served if not u.startswith(f"http://127.0.0.1:{jport}/proxy/{aport}/")]
+        assert any("_dash-component-suites" in u for u in served) and any("_dash-update-component" in u for u in served)
+        assert not outside, outside
+        assert not failed, failed
+        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
+        picker.server.stop()
 
 
 def _wait(url: str, deadline_s: float, what: str, process: subprocess.Popen, log: Path) -> None:

@@ -8,7 +8,6 @@ Dash app — the full Explorer, or a single widget shown alone in Jupyter — wi
 from __future__ import annotations
 
 import logging
-import socket
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -81,8 +80,15 @@ class Widget:
     """
 
     default_prefix = "wl"
+    default_height = 650  # px of the iframe `show` displays in a notebook
 
-    def __init__(self, context: LabContext | None = None, links: Links | None = None, prefix: str | None = None):
+    def __init__(self, context: LabContext | None = None, links: Links | None = None, prefix: str | None = None,
+                 port: int | None = None, path_prefix: str | None = None, height: int | None = None):
+        from wyckoff_lab.widgets.jupyter import checked_port
+
+        self.port = checked_port(port)  # `show`'s defaults (see there)
+        self.path_prefix, self.height = path_prefix, height or self.default_height
+        self.notebook = None  # the NotebookServer once shown
         self.context = context or default_context()
         self.links = links or Links()
         self.prefix = prefix or self.default_prefix
@@ -145,15 +151,27 @@ class Widget:
         return build_app([self], self.context, title=f"Wyckoff Lab — {type(self).__name__}",
                          extra_stores=self.page_stores)
 
-    def show(self, port: int | None = None, height: int = 650, mode: str = "inline") -> Dash:
-        """Run the widget's app inside Jupyter (Dash's Jupyter mode: an inline iframe by default)."""
-        app = self.app()
-        self.context.start_job_server()  # before the server's threads (Jupyter's own may exist: logged)
-        self.context.start_warm_up()
-        port = port or free_port()
-        app.run(jupyter_mode=mode, jupyter_height=height, port=port, host="127.0.0.1")
-        self.url = f"http://127.0.0.1:{port}/"
-        return app
+    def show(self, port: int | None = None, height: int | None = None, path_prefix: str | None = None,
+             mode: str = "inline") -> Dash:
+        """Serve this widget's app from a thread on 127.0.0.1:`port` and show it in the notebook: an iframe `height`
+        px tall (mode="external": a link instead), at the proxied path behind jupyter-server-proxy (JupyterHub;
+        `path_prefix`, else from the environment: see `wyckoff_lab.widgets.jupyter`), else at the direct URL.
+        Arguments left out take the widget's own (its constructor's port, path_prefix, height; a free port).
+        Shown again, it reuses the running server. Sets `url` (where the kernel reaches it) and `browser_url`
+        (what the browser loads); returns the Dash app."""
+        from wyckoff_lab.widgets.jupyter import checked_mode, checked_port, display_app, serve_for_notebook
+
+        checked_mode(mode)
+        port, path_prefix = checked_port(port) or self.port, path_prefix or self.path_prefix
+        if self.notebook is None:
+            self.notebook = serve_for_notebook(self.app, self.context, port, path_prefix)
+            self.dash_app, self.server = self.notebook.dash_app, self.notebook.server
+            self.url, self.browser_url = self.notebook.url, self.notebook.browser_url
+        elif port not in (None, self.server.port):
+            raise ValueError(f"{type(self).__name__} is already served on port {self.server.port}: show it without "
+                             f"a port, or create another widget for port {port}")
+        display_app(self.browser_url, height or self.height, mode)
+        return self.dash_app
 
     def _ipython_display_(self) -> None:
         self.show()
@@ -176,12 +194,6 @@ def default_context() -> LabContext:
     if _DEFAULT_CONTEXT is None:
         _DEFAULT_CONTEXT = LabContext()
     return _DEFAULT_CONTEXT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 MAX_REQUEST_BYTES = 32 * 2**20  # the largest callback body the page sends (a 3D payload) is well below this
@@ -234,19 +246,27 @@ def restore_sessions(app: Dash, links: Links) -> None:
 
 
 class WarmUpBanner:
-    """The line that says what the job server is still loading ("loading reference data (MP-20), 2 of 4"), so a
-    job asked for during warm-up is seen to be queued rather than stuck; it hides itself once loading is done."""
+    """The line that says what the job server is still loading ("loading reference data (MP-20), 2 of 4 · jobs you
+    start now are queued…"), so a job asked for during warm-up is seen to be queued rather than stuck; it hides
+    itself once loading is done."""
+
+    QUEUED_NOTE = "jobs you start now are queued and begin when it is done"
 
     def __init__(self, context: LabContext, prefix: str = "wl-warmup"):
         self.context, self.prefix = context, prefix
 
-    def layout(self):
+    def shown(self) -> tuple[str, dict, bool]:
+        """(text, style, done) for the warm-up's state now: the page's first draw and every tick show the same."""
         state = self.context.manager.warm_up_state
-        return html.Div([html.Div(state.message() or "", id=f"{self.prefix}-text", className="wl-warmup-text"),
-                         dcc.Interval(id=f"{self.prefix}-tick", interval=500, disabled=state.done)],
-                        id=self.prefix, className="wl-warmup notification is-info is-light",
-                        style={"display": "none" if state.done else "block", "padding": "0.4rem 1rem",
-                               "marginBottom": "0.5rem"})
+        text = state.message()
+        style = {"padding": "0.4rem 1rem", "marginBottom": "0.5rem", "display": "none" if state.done else "block"}
+        return (f"{text} · {self.QUEUED_NOTE}" if text else "", style, state.done)
+
+    def layout(self):
+        text, style, done = self.shown()
+        return html.Div([html.Div(text, id=f"{self.prefix}-text", className="wl-warmup-text"),
+                         dcc.Interval(id=f"{self.prefix}-tick", interval=500, disabled=done)],
+                        id=self.prefix, className="wl-warmup notification is-info is-light", style=style)
 
     def register(self, app: Dash) -> None:
         from dash import Input, Output
@@ -254,12 +274,7 @@ class WarmUpBanner:
         @app.callback(Output(f"{self.prefix}-text", "children"), Output(self.prefix, "style"),
                       Output(f"{self.prefix}-tick", "disabled"), Input(f"{self.prefix}-tick", "n_intervals"))
         def tick(_n):
-            state = self.context.manager.warm_up_state
-            style = {"padding": "0.4rem 1rem", "marginBottom": "0.5rem", "display": "none" if state.done else "block"}
-            text = state.message()
-            if text:
-                text += " · jobs you start now are queued and begin when it is done"
-            return text, style, state.done
+            return self.shown()
 
 
 def assets_folder() -> str:

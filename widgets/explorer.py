@@ -32,14 +32,11 @@ class Explorer(Widget):
     """
 
     default_prefix = "wl"
+    default_height = 900
 
     def __init__(self, elements=(), formula: str | None = None, max_atoms: int = 20, spacegroup: int | None = None,
-                 template=(), port: int | None = None, path_prefix: str | None = None, height: int = 900, **kwargs):
-        super().__init__(**kwargs)
-        if port is not None and not (isinstance(port, int) and 0 < port < 65536):
-            raise ValueError(f"port must be an integer in 1..65535, not {port!r}")
-        self.port, self.path_prefix, self.height = port, path_prefix, height
-        self.server = None  # the ThreadedServer once shown
+                 template=(), **kwargs):
+        super().__init__(**kwargs)  # (context, links, prefix; port, path_prefix, height for Jupyter)
         shared = {"context": self.context, "links": self.links}
         self.chemistry = ChemistryPicker(elements=elements, formula=formula, max_atoms=max_atoms, **shared)
         self.symmetry = SymmetryPanel(spacegroup_number=spacegroup, template=template, **shared)
@@ -56,32 +53,6 @@ class Explorer(Widget):
     @property
     def ct_components(self):
         return [c for child in self.children for c in child.ct_components]
-
-    # -- Jupyter --------------------------------------------------------------------------------------------------
-
-    def show(self, port: int | None = None, height: int | None = None, path_prefix: str | None = None):
-        """Serve the app from a thread on 127.0.0.1 and show it in an iframe: at the proxied path when behind
-        jupyter-server-proxy (JupyterHub), else at the direct URL. Shown again, it reuses the running server.
-        Sets `url` (where the kernel reaches it) and `browser_url` (what the iframe loads); returns the Dash app."""
-        from wyckoff_lab.widgets.base import free_port
-        from wyckoff_lab.widgets.jupyter import ThreadedServer, dash_requests_prefix, display_iframe, hub_host_names
-        from wyckoff_lab.widgets.jupyter import path_prefix as resolve_prefix
-
-        if self.server is None:
-            port = port or self.port or free_port()
-            prefix = resolve_prefix(port, path_prefix or self.path_prefix)
-            if prefix:  # the proxy forwards the browser's Host: the hub's own name must pass the host guard
-                settings = self.context.settings
-                settings.allowed_hosts = frozenset(settings.allowed_hosts) | hub_host_names()
-            with dash_requests_prefix(prefix):
-                self.dash_app = self.app()
-            self.context.start_job_server()  # before the server's threads (Jupyter's own may exist: logged)
-            self.context.start_warm_up()
-            self.server = ThreadedServer(self.dash_app, port)
-            self.url = self.server.url
-            self.browser_url = prefix or self.server.url
-        display_iframe(self.browser_url, height or self.height)
-        return self.dash_app
 
     def page_stores(self):
         return self.links.stores(chemistry=self.chemistry.initial, symmetry=self.symmetry.initial, tab="candidates")

@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,62 @@ class ThreadedServer:
         self.thread.join(10)
 
 
-def display_iframe(url: str, height: int) -> None:
-    """The app in the notebook's output: an iframe as wide as the cell."""
-    from IPython.display import IFrame, display
+DISPLAY_MODES = ("inline", "external")
 
-    display(IFrame(url, width="100%", height=height))
+
+def checked_mode(mode: str) -> str:
+    if mode not in DISPLAY_MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, DISPLAY_MODES))}, not {mode!r}")
+    return mode
+
+
+def display_app(url: str, height: int, mode: str = "inline") -> None:
+    """The app in the notebook's output: an iframe as wide as the cell ("inline"), or a link to open ("external")."""
+    from html import escape
+
+    from IPython.display import HTML, IFrame, display
+
+    if checked_mode(mode) == "inline":
+        display(IFrame(url, width="100%", height=height))
+    else:
+        display(HTML(f'Wyckoff Lab is served at <a href="{escape(url)}" target="_blank">{escape(url)}</a>'))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def checked_port(port):
+    """`port` if it is None (a free one) or a TCP port number; anything else is refused with ValueError."""
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+        raise ValueError(f"port must be an integer in 1..65535, not {port!r}")
+    return port
+
+
+@dataclass
+class NotebookServer:
+    """A widget's Dash app served for a notebook: `url` is where the kernel reaches it, `browser_url` what the
+    iframe loads (the path prefix behind jupyter-server-proxy, else `url`)."""
+
+    dash_app: object
+    server: ThreadedServer
+    url: str
+    browser_url: str
+
+
+def serve_for_notebook(build_app, context, port: int | None = None, prefix: str | None = None) -> NotebookServer:
+    """Build the app with `build_app()` for the path prefix resolved for `port` (see the module docstring) and
+    serve it from a thread on 127.0.0.1:port (None: a free port). What every widget's `show` does."""
+    port = checked_port(port) or free_port()
+    prefix = path_prefix(port, prefix)
+    if prefix:  # the proxy forwards the browser's Host: the hub's own name must pass the host guard
+        settings = context.settings
+        settings.allowed_hosts = frozenset(settings.allowed_hosts) | hub_host_names()
+    with dash_requests_prefix(prefix):
+        dash_app = build_app()  # (its host guard reads the allowed hosts now)
+    context.start_job_server()  # before the server's threads (Jupyter's own may exist: logged)
+    context.start_warm_up()
+    server = ThreadedServer(dash_app, port)
+    return NotebookServer(dash_app, server, server.url, prefix or server.url)

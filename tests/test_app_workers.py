@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from wyckoff_lab.widgets.context import JOB_SERVER_NICENESS
 
 CONTEXT = None  # the context the job functions below use (set before the job server is forked: it inherits it)
 
@@ -24,7 +25,8 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
 def _threads_job(key, progress_key, args, context):
     """Reports what the job process sees: its Python threads, and that a lock held in the server is free here."""
     CONTEXT.manager.handle.set(key, {"threads": threading.active_count(), "pid": os.getpid(),
-                                     "pgid": os.getpgid(0), "lock_free": _HELD.acquire(timeout=2)})
+                                     "pgid": os.getpgid(0), "lock_free": _HELD.acquire(timeout=2),
+                                     "niceness": os.nice(0)})
 
 
 _HELD = threading.Lock()
@@ -62,6 +64,8 @@ def test_a_job_asked_for_during_warm_up_is_queued_and_then_runs_lock_free(tmp_pa
     _wait(lambda: context.manager.handle.get("result-key") is not None, 30, "the queued job's result")
     result = context.manager.handle.get("result-key")
     assert result["threads"] == 1 and result["lock_free"], result
+    # Background work runs below the web server's priority: the job server's warm-up must not slow the page.
+    assert result["niceness"] == min(os.nice(0) + JOB_SERVER_NICENESS, 19), result
     assert context.manager._jobs[job].threads_at_fork == 1  # the job server had one thread when it forked it
     assert result["pgid"] == result["pid"]  # its own process group: a cancel kills it with its workers
     assert context.manager.jobs_ready.is_set() and context.manager.warm_up_state.message() == ""

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 WARMUP_WAIT_S = 60.0  # a page part that needs loaded models waits at most this long for them
 JOB_TORCH_THREADS = 1  # see _job_entry
+# The job server and every job it forks run at this niceness (Unix), below the web server and the browser: its
+# warm-up (about 2.5 s of CPU loading the models again) overlapped the page's first load and, on two cores, made
+# the page 2 s slower to become usable than before the job server existed. Background work should use the CPU
+# the page leaves, not take it; alone on the machine a job runs as fast at any niceness.
+JOB_SERVER_NICENESS = 10
 WORK_DIR_PREFIX = "wyckoff-lab-app-"  # temporary work folders, one per app process
 OWNER_FILE = "owner.pid"  # the process that made a work folder: once it is gone, the folder is stale
 SECRET_FILE = "session.key"  # the signing secret of a --work-dir (0600), so its sessions outlive a restart
@@ -76,7 +81,7 @@ def remove_stale_work_dirs(root: Path | None = None) -> list[Path]:
 class LabSettings:
     """What the app runs with. None means: the embedded default (see README)."""
 
-    potential: str | None = None  # "mattersim", "chgnet", or None: MatterSim when its checkpoint can be had
+    potential: str | None = None  # "mattersim", "chgnet", "sevennet", or None: MatterSim where its checkpoint is
     device: str | None = None  # torch device for relaxations and the transformer; None: cuda if available
     dataset: str = "mp_20"  # reference structures (novelty, hull phases, space-group frequencies)
     default_generator: str | None = None  # None: the Wyckoff transformer when its weights load, else PyXtal
@@ -565,6 +570,11 @@ def _zygote_main(manager: WarmDiskcacheManager, connection, warm_up_steps) -> No
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C stops the server; this process follows its pipe's end
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(os, "nice"):
+        try:
+            os.nice(JOB_SERVER_NICENESS)
+        except OSError as exc:  # a sandbox may refuse: jobs then run at the server's priority
+            log.info("job server: niceness unchanged (%s)", exc)
     os.environ["OMP_NUM_THREADS"] = str(JOB_TORCH_THREADS)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(JOB_TORCH_THREADS)

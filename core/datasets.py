@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import io
 import itertools
@@ -294,6 +295,27 @@ def load_dataset(
         hull = mp20_e_above_hull(progress=progress, workers=workers)
         dataset.frame["e_above_hull"] = dataset.frame["material_id"].map(hull)
     return dataset
+
+
+def system_and_spacegroup_counts(name: str = "mp_20", split: str = "train"
+                                 ) -> tuple[dict[tuple[str, ...], int], dict[int, int]]:
+    """Row counts of chemical systems (elements by atomic number) and of space groups in one split: what the
+    generators' unconditioned draws follow. Cached per data folder (a process that switches `WYCKOFF_LAB_DATA`, as
+    the tests do, gets that folder's counts); DataUnavailableError when the split can be neither read nor had."""
+    from wyckoff_lab.core.paths import data_dir
+
+    return _system_and_spacegroup_counts(name, split, data_dir())
+
+
+@functools.cache
+def _system_and_spacegroup_counts(name: str, split: str, _data_folder: Path):
+    from pymatgen.core import Element
+
+    frame = load_dataset(name, split).frame
+    by_z = lambda system: tuple(sorted(system.split("-"), key=lambda el: Element(el).Z))
+    systems = Counter(by_z(system) for system in frame["chemsys"])
+    groups = Counter(int(number) for number in frame["spacegroup"].dropna())
+    return dict(systems), dict(groups)
 
 
 def _load_split(spec: DatasetSpec, split: str, *, progress: bool, workers: int | None) -> CrystalDataset:

@@ -7,7 +7,6 @@ import functools
 import logging
 import time
 import warnings
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -61,20 +60,17 @@ def mp20_train_distribution() -> tuple[dict[tuple[str, ...], int], dict[int, int
     return _mp20_train_distribution(data_dir())
 
 
-@functools.cache
+@functools.cache  # per data folder: the fallback warns once
 def _mp20_train_distribution(data_folder: Path) -> tuple[dict[tuple[str, ...], int], dict[int, int]]:
-    from wyckoff_lab.core.datasets import load_dataset
+    from wyckoff_lab.core.datasets import system_and_spacegroup_counts
     from wyckoff_lab.core.paths import DataUnavailableError
 
     try:
-        frame = load_dataset("mp_20", "train").frame
+        return system_and_spacegroup_counts("mp_20", "train")
     except DataUnavailableError as exc:
         log.warning("MP-20 is unavailable (%s); sampling from a small built-in list of chemical systems", exc)
         return ({_by_z(system.split("-")): count for system, count in FALLBACK_CHEMICAL_SYSTEMS.items()},
                 dict(FALLBACK_SPACEGROUPS))
-    systems = Counter(_by_z(system.split("-")) for system in frame["chemsys"])
-    groups = Counter(int(number) for number in frame["spacegroup"])
-    return dict(systems), dict(groups)
 
 
 def _wrapped_into_cell(structure: Structure) -> Structure:

@@ -206,9 +206,9 @@ class SubstitutionGenerator(Generator):
 
     def _systems_to_draw(self) -> tuple[list[tuple[str, ...]], np.ndarray]:
         if self._systems is None:
-            from wyckoff_lab.core.generators.pyxtal_baseline import mp20_train_distribution
+            from wyckoff_lab.core.datasets import system_and_spacegroup_counts
 
-            self._systems = {"-".join(k): v for k, v in mp20_train_distribution()[0].items()}
+            self._systems = {"-".join(k): v for k, v in system_and_spacegroup_counts("mp_20", "train")[0].items()}
         systems = [tuple(k.split("-")) for k in self._systems]
         weights = np.array(list(self._systems.values()), dtype=float)
         return systems, weights / weights.sum()

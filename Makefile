@@ -15,13 +15,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel of torch (pinned here; a newer range would pull several GB of CUDA packages).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,mattersim]"
+	$(BIN)/pip install -q -e ".[test,mattersim,sevennet]"
 	$(BIN)/pip install -q --no-deps $(MATTERSIM)
 	# Dash ships @plotly/dash-jupyterlab as a JupyterLab *source* extension (a tarball JupyterLab 4 wants to rebuild
 	# itself with Node.js): every JupyterLab start then shows "Build recommended", then "Build failed". It only
 	# serves Dash's own Jupyter mode, which Wyckoff Lab does not use (README, In Jupyter).
 	rm -f $(VENV)/share/jupyter/lab/extensions/dash-jupyterlab.tgz
-	$(BIN)/python -c "import torch, mattersim, chgnet, pyxtal; print('wyckoff-lab environment ready, torch', torch.__version__)"
+	$(BIN)/python -c "import torch, mattersim, chgnet, sevenn, pyxtal; print('wyckoff-lab environment ready, torch', torch.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)

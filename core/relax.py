@@ -1,4 +1,4 @@
-"""Relax crystal structures with a universal potential (MatterSim or CHGNet): batched FIRE with cell relaxation."""
+"""Relax crystal structures with a universal potential (MatterSim, CHGNet or SevenNet): batched FIRE, cell relaxed."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from wyckoff_lab.core.paths import (
 
 log = logging.getLogger(__name__)
 
-POTENTIALS = ("mattersim", "chgnet")
+POTENTIALS = ("mattersim", "chgnet", "sevennet")
 STATUSES = ("converged", "not_converged", "exploded", "atoms_too_close", "isolated_atoms", "nan_energy", "error")
 # "error" may be transient (out of memory, a CUDA hiccup): such results are never cached, so a later run retries.
 CACHEABLE_STATUSES = tuple(s for s in STATUSES if s != "error")
@@ -56,6 +56,21 @@ MATTERSIM_CACHE_DIR = "~/.local/mattersim/pretrained_models"
 MATTERSIM_URL = (
     f"https://raw.githubusercontent.com/microsoft/mattersim/main/pretrained_models/{MATTERSIM_CHECKPOINT_NAME}"
 )
+# SevenNet's pretrained checkpoints ship inside its wheel (sevenn/pretrained_potentials/). Each supported file is
+# pinned by its full SHA-256: it is a pickle we did not write, so it is read with weights_only=True and, besides,
+# a file whose bytes differ from the released ones is refused. SevenNet-0 (11Jul2024) is trained on MPtrj, the
+# PBE(+U) data of MP-20's DFT energies. $WYCKOFF_LAB_SEVENNET_CHECKPOINT may name another copy of a pinned file.
+SEVENNET_CHECKPOINT_ENV = "WYCKOFF_LAB_SEVENNET_CHECKPOINT"
+SEVENNET_DEFAULT_MODEL = "SevenNet-0_11Jul2024"
+SEVENNET_CHECKPOINTS = {  # model name -> (path inside the sevenn package, SHA-256 of the released file)
+    "SevenNet-0_11Jul2024": ("pretrained_potentials/SevenNet_0__11Jul2024/checkpoint_sevennet_0.pth",
+                             "7052cb42b7b3be42b40b97fa0d21077a48c54b5548948fc4dcf346629f813c36"),
+    "SevenNet-0_22May2024": ("pretrained_potentials/SevenNet_0__22May2024/checkpoint_sevennet_0.pth",
+                             "5d389fafd512e6ae2830d74d0b66ffc49a55d3832653ff8e7bf7f1343013c1d1"),
+    "SevenNet-l3i5": ("pretrained_potentials/SevenNet_l3i5/checkpoint_l3i5.pth",
+                      "a7ff190d41efe5b8317a03d20a468e4036a1a3e64e0b14fdbab64ac3f4bfc09d"),
+}
+SEVENNET_INSTALL = "pip install 'wyckoff-lab[sevennet]' (or `make install`)"
 # A failed download of the checkpoint is remembered this long (cache_dir()/mattersim_probe.json): every command
 # used to try the host again, wait for its timeout and print the same warning.
 MATTERSIM_PROBE_TTL_S = 24 * 3600
@@ -303,6 +318,8 @@ def load_potential(potential: str | None = None, device: str | None = None) -> L
         loaded = _load_mattersim(device)
     elif potential == "chgnet":
         loaded = _load_chgnet(device)
+    elif potential == "sevennet":
+        loaded = load_sevennet(device)
     else:
         raise ValueError(f"unknown potential {potential!r}; choose one of {', '.join(POTENTIALS)}")
     _LOADED[key] = loaded
@@ -379,6 +396,139 @@ def _load_chgnet(device: str) -> LoadedPotential:
     log.info("loaded CHGNet %s on %s", model.version, device)
     return LoadedPotential("chgnet", f"chgnet:{model.version}", device, calculator, evaluate,
                            cutoff=float(model.graph_converter.atom_graph_cutoff))
+
+
+def sevennet_checkpoint() -> Path:
+    """The SevenNet checkpoint file: $WYCKOFF_LAB_SEVENNET_CHECKPOINT, else SevenNet-0 (11Jul2024) from the installed
+    sevenn package. Raises PotentialUnavailableError when sevenn is not installed. (load_sevennet checks its bytes.)"""
+    env = os.environ.get(SEVENNET_CHECKPOINT_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise PotentialError(f"{SEVENNET_CHECKPOINT_ENV}={env} is not a file")
+        return path
+    try:
+        import sevenn
+    except ImportError as exc:
+        raise PotentialUnavailableError(f"the sevenn package cannot be imported ({exc}); install it with "
+                                        f"{SEVENNET_INSTALL}") from None
+    relative, _ = SEVENNET_CHECKPOINTS[SEVENNET_DEFAULT_MODEL]
+    path = Path(sevenn.__file__).parent / relative
+    if not path.is_file():
+        raise PotentialUnavailableError(f"the sevenn package has no {relative}; reinstall it with {SEVENNET_INSTALL}")
+    return path
+
+
+def _safe_sevennet_load(data: bytes) -> dict:
+    """The checkpoint's dict, unpickled with weights_only=True. Its config holds numpy arrays (the per-species
+    energy shifts and scales), so exactly numpy's array-rebuilding globals are allowed, nothing else."""
+    import numpy.dtypes
+    import torch
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+
+    # float32 arrays are all the pinned checkpoints hold (checked for each); any other type still fails to load.
+    allowed = [(_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, numpy.dtypes.Float32DType]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _build_sevennet_model(checkpoint: dict):
+    """SevenNet's model built from a safely loaded checkpoint dict with sevenn's own public building blocks (its
+    SevenNetCheckpoint reads the file with weights_only=False, which this project does not do)."""
+    import sevenn._const as sevenn_const
+    import sevenn._keys as sevenn_keys
+    import sevenn.scripts.backward_compatibility as sevenn_compat
+    import torch
+    from sevenn.model_build import build_E3_equivariant_model, init_shift_scale
+    from sevenn.nn.scale import get_resolved_shift_scale
+
+    config = dict(checkpoint["config"])
+    defaults = dict(sevenn_const.model_defaults(config))
+    config = sevenn_compat.patch_old_config(config)
+    shift, scale = get_resolved_shift_scale(init_shift_scale(config), config.get(sevenn_keys.TYPE_MAP),
+                                            config.get(sevenn_keys.MODAL_MAP, None))
+    config["shift"], config["scale"] = shift, scale
+    for key, value in defaults.items():
+        config.setdefault(key, value)
+    config = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in config.items()}
+    config[sevenn_keys.USE_OEQ] = False
+    model = build_E3_equivariant_model(config)
+    state = sevenn_compat.patch_state_dict_if_old(checkpoint["model_state_dict"], config, model)
+    missing, unexpected = model.load_state_dict(state, strict=True)
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit the model (missing {missing}, unexpected {unexpected})")
+    if model.modal_map:  # multi-fidelity models need a modality per structure; none of the pinned ones has it
+        raise ValueError(f"a multi-fidelity model (modalities {list(model.modal_map)}) is not supported")
+    return model, float(config[sevenn_keys.CUTOFF])
+
+
+def load_sevennet(device: str | None = None, checkpoint: Path | None = None) -> LoadedPotential:
+    """SevenNet from `checkpoint` (default: `sevennet_checkpoint()`), on `device` (default: CUDA if available).
+
+    The file must be byte-identical to one of SEVENNET_CHECKPOINTS (full SHA-256), else PotentialError; a missing
+    sevenn package is a PotentialUnavailableError naming the install command. Not cached per process: use
+    load_potential("sevennet") for that.
+    """
+    device = resolve_device(device)
+    try:
+        import sevenn._keys as sevenn_keys
+        from sevenn.atom_graph_data import AtomGraphData
+        from sevenn.calculator import SevenNetCalculator
+        from sevenn.train.dataload import unlabeled_atoms_to_graph
+        from torch_geometric.data import Batch
+    except ImportError as exc:
+        raise PotentialUnavailableError(f"the sevenn package cannot be imported ({exc}); install it with "
+                                        f"{SEVENNET_INSTALL}") from None
+    path = sevennet_checkpoint() if checkpoint is None else Path(checkpoint)
+    if not path.is_file():
+        raise PotentialError(f"SevenNet checkpoint {path} is not a file")
+    data = path.read_bytes()  # hashed and unpickled from the same bytes: the file cannot change in between
+    digest = hashlib.sha256(data).hexdigest()
+    model_name = next((name for name, (_, sha) in SEVENNET_CHECKPOINTS.items() if sha == digest), None)
+    if model_name is None:
+        raise PotentialError(f"{path} is not a released SevenNet checkpoint this project supports (SHA-256 "
+                             f"{digest[:16]}… matches none of {', '.join(SEVENNET_CHECKPOINTS)}): refused unread")
+    try:
+        model, cutoff = _build_sevennet_model(_safe_sevennet_load(data))
+    except Exception as exc:
+        raise PotentialError(f"{path} is not a usable SevenNet checkpoint ({type(exc).__name__}: {exc})") from None
+    model.to(device)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no tensor-product accelerator" advice: none exists for CPU
+        calculator = SevenNetCalculator(model, file_type="model_instance", device=device)
+
+    def evaluate(atoms_list: list[Atoms], with_stress: bool) -> list[Evaluation]:
+        out = []
+        size = batch_size(device)
+        for first in range(0, len(atoms_list), size):
+            part = atoms_list[first:first + size]
+            graphs = [AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, cutoff)) for atoms in part]
+            batch = Batch.from_data_list(graphs).to(device)
+            # The calculator (single structures) and this batched path share the model: its mode is set per call.
+            model.set_is_batch_data(True)
+            try:
+                result = model(batch)
+            finally:
+                model.set_is_batch_data(False)
+            energies = result[sevenn_keys.PRED_TOTAL_ENERGY].detach().cpu().numpy().reshape(-1)
+            forces = result[sevenn_keys.PRED_FORCE].detach().cpu().numpy()
+            # SevenNet's stress: (xx, yy, zz, xy, yz, zx) in eV/Å^3 with the opposite sign of ASE's, whose
+            # Voigt order is (xx, yy, zz, yz, zx, xy).
+            stresses = -result[sevenn_keys.PRED_STRESS].detach().cpu().numpy().reshape(len(part), 6)
+            stresses = stresses[:, [0, 1, 2, 4, 5, 3]]
+            offsets = np.cumsum([0] + [len(atoms) for atoms in part])
+            out += [Evaluation(float(energies[i]), forces[offsets[i]:offsets[i + 1]],
+                               stresses[i] if with_stress else None) for i in range(len(part))]
+        return out
+
+    log.info("loaded SevenNet %s (%s) on %s", model_name, path, device)
+    return LoadedPotential("sevennet", f"sevennet:{model_name}:{file_digest(path)}", device, calculator, evaluate,
+                           cutoff=cutoff)
 
 
 def _load_mattersim(device: str) -> LoadedPotential:

@@ -9,6 +9,7 @@ for why that design), which inherit the models it loaded for free.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import shutil
@@ -354,6 +355,8 @@ class WarmDiskcacheManager(DiskcacheManager):
         self.databases_at_zygote_fork: list[str] | None = None
         self.warm_up_state = WarmUpState()
         self.jobs_ready = threading.Event()  # the zygote finished loading: jobs fork at once
+        self._registered_at_fork = 0  # background callbacks the zygote has (it copied the registry when forked)
+        self._warm_asked = False
 
     # -- the job server -------------------------------------------------------------------------------------------
 
@@ -363,7 +366,12 @@ class WarmDiskcacheManager(DiskcacheManager):
         works but is logged, since a lock held by another thread at that moment would stay held in the zygote."""
         with self._server_lock:
             if self.zygote_pid is not None:
-                return self.zygote_pid
+                if len(self.func_registry) == self._registered_at_fork or self._has_live_jobs():
+                    return self.zygote_pid
+                # A widget shown later in the same kernel registered background callbacks the zygote never saw
+                # (it copied the registry when forked, and closures cannot cross the pipe): replace it by one
+                # that has them. Never while a job runs: an old zygote takes its jobs with it.
+                self._retire_job_server()
             import multiprocessing
 
             if self._before_fork is not None:
@@ -394,6 +402,9 @@ class WarmDiskcacheManager(DiskcacheManager):
             self._connection = parent_end
             self.zygote_pid = pid
             self.threads_at_zygote_fork = threads
+            self._registered_at_fork = len(self.func_registry)
+            if self._warm_asked:  # the zygote it replaces had been asked to load: so is this one
+                parent_end.send(("warm",))
             threading.Thread(target=self._read_job_server, name="wyckoff-lab-job-server-reader",
                              daemon=True).start()
             return pid
@@ -401,7 +412,23 @@ class WarmDiskcacheManager(DiskcacheManager):
     def warm_up_jobs(self) -> None:
         """Let the zygote start loading (the app calls this on its first request, see `LabContext.start_warm_up`)."""
         self.start_job_server()
+        self._warm_asked = True
         self._send(("warm",))
+
+    def _has_live_jobs(self) -> bool:
+        with self._jobs_lock:
+            self._forget_finished()
+            return bool(self._jobs)
+
+    def _retire_job_server(self) -> None:
+        """Close the zygote's pipe (it exits when it reads the end) and reap it in the background."""
+        old_pid, connection = self.zygote_pid, self._connection
+        self.zygote_pid, self._connection = None, None
+        self.jobs_ready.clear()
+        self.warm_up_state = WarmUpState()
+        connection.close()
+        log.info("job server %d replaced: background callbacks were registered after it started", old_pid)
+        threading.Thread(target=_reap, args=(old_pid,), name="wyckoff-lab-job-server-reaper", daemon=True).start()
 
     def _send(self, message) -> None:
         with self._send_lock:
@@ -414,6 +441,8 @@ class WarmDiskcacheManager(DiskcacheManager):
             try:
                 message = connection.recv()
             except (EOFError, OSError):
+                if connection is not self._connection:  # retired on purpose: a new job server has taken over
+                    return
                 log.error("the job server is gone: background jobs can no longer start")
                 self.warm_up_state = WarmUpState(label="job server stopped", done=False)
                 return
@@ -557,6 +586,11 @@ def _same_process(pid: int, create_time: float) -> bool:
         return psutil.Process(pid).create_time() == create_time
     except psutil.NoSuchProcess:
         return False
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, 0)
 
 
 def _zygote_main(manager: WarmDiskcacheManager, connection, warm_up_steps) -> None:

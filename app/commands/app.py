@@ -23,7 +23,7 @@ def register(subparsers) -> None:
                    help="also serve requests whose Host header is NAME (a reverse proxy's name; repeatable). "
                         "Loopback names and the --host address are always served, nothing else")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
-    p.add_argument("--potential", default=None, choices=("mattersim", "chgnet"),
+    p.add_argument("--potential", default=None, choices=("mattersim", "chgnet", "sevennet"),
                    help="relaxation potential (default: MatterSim when its checkpoint can be had, else CHGNet)")
     p.add_argument("--generator", default=None,
                    help="generator selected at start (default: the most preferred registered one that loads)")

@@ -27,7 +27,8 @@ def register(subparsers) -> None:
                    help="dataset for novelty and distribution metrics, e.g. mp_20 (default: none)")
     p.add_argument("--reference-split", default="train", help="split of the reference dataset (default train)")
     p.add_argument("--relax", default=None, metavar="POTENTIAL",
-                   help="relax with this potential (chgnet or mattersim) first, then compute energies above hull")
+                   help="relax with this potential (chgnet, sevennet or mattersim) first, then compute energies "
+                        "above hull")
     intent = p.add_mutually_exclusive_group()
     intent.add_argument("--spacegroups-from-filename", action="store_true",
                         help="read each structure's intended space group from its file name (sg225, spg_12, ...)")

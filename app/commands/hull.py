@@ -18,7 +18,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("hull", help="convex hull of a chemical system with ML energies; e_above_hull of CIFs")
     p.add_argument("--elements", required=True, help="chemical system, e.g. Li,Fe,O or Li-Fe-O")
     p.add_argument("--candidates", type=Path, default=None, help="folder of candidate CIFs to place on the hull")
-    p.add_argument("--potential", default=None, help="mattersim or chgnet (default: MatterSim if it can be had)")
+    p.add_argument("--potential", default=None,
+                   help="mattersim, chgnet or sevennet (default: MatterSim if it can be had)")
     p.add_argument("--dataset", default="mp_20", help="dataset whose phases are the references (default mp_20)")
     p.add_argument("--split", default="all", help="dataset split for references (default: all splits)")
     p.add_argument("--max-references", type=int, default=3,

@@ -9,9 +9,10 @@ from wyckoff_lab.app.cli import CommandError, emit
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("relax", help="relax a structure (CIF/POSCAR) with MatterSim or CHGNet")
+    p = subparsers.add_parser("relax", help="relax a structure (CIF/POSCAR) with MatterSim, CHGNet or SevenNet")
     p.add_argument("file", type=Path, help="structure file (CIF, POSCAR, ...)")
-    p.add_argument("--potential", default=None, help="mattersim or chgnet (default: MatterSim if it can be had)")
+    p.add_argument("--potential", default=None,
+                   help="mattersim, chgnet or sevennet (default: MatterSim if it can be had)")
     p.add_argument("--fmax", type=float, default=0.05, help="force convergence threshold, eV/Å (default 0.05)")
     p.add_argument("--max-steps", type=int, default=500, help="maximum FIRE steps (default 500; 0 = single point)")
     p.add_argument("--fixed-cell", action="store_true", help="relax positions only, keep the cell")

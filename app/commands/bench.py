@@ -3,6 +3,7 @@
 `generate`: throughput and sample quality. `sun`: S.U.N. and M.S.U.N. after relaxing every sample with an ML potential
 and placing it on an ML hull of MP-20 references. `recover`: how many known, held-out MP-20 structures of a few
 ternary systems a generator finds within a sampling budget (the Al-Ca-Cu experiment of Matra-Genoa, Sec. II.C).
+`potentials`: each potential's cost per FIRE step and how its own hulls of MP-20 rows agree with MP-20's DFT.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ PROTOCOL_KEYS = {"comp_validity": "comp_validity",
 
 
 GENERATORS_HELP = "comma-separated registered generators, or 'all' (default)"
+# `bench potentials`: core.potential_agreement.BENCH_SYSTEMS (not imported here: registering stays light)
+AGREEMENT_SYSTEMS = ("Li-Mn-O", "Li-Fe-O", "Al-Ca-Cu", "Gd-Ge-Pt", "Ba-O-Ti", "Cu-S-Sn", "Mg-N-Si", "Mn-Ni-Sb")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,8 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = actions.add_parser("sun", help="S.U.N. / M.S.U.N. rates after ML relaxation and ML hulls")
     p.add_argument("--n", type=int, default=200, help="structures per generator (failed attempts are retried)")
     p.add_argument("--relax", default=None, metavar="POTENTIAL",
-                   help="chgnet or mattersim, for samples and hull references alike (default: MatterSim if it "
-                        "can be had, else CHGNet)")
+                   help="chgnet, sevennet or mattersim, for samples and hull references alike (default: MatterSim "
+                        "if it can be had, else CHGNet)")
     p.add_argument("--generators", default="all", help=GENERATORS_HELP)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--stability", choices=["low", "high"], default=None,
@@ -74,6 +77,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_generator_flags(p)
     p.set_defaults(func=run_sun)
 
+    p = actions.add_parser("potentials", help="each potential's ms per FIRE step and agreement of its own hulls "
+                                              "with MP-20's DFT (stable phases kept, formation-energy differences)")
+    p.add_argument("--systems", default=",".join(AGREEMENT_SYSTEMS), help="comma-separated chemical systems")
+    p.add_argument("--potentials", default="chgnet,sevennet",
+                   help="comma-separated potentials (default chgnet,sevennet)")
+    p.add_argument("--max-per-system", type=int, default=None,
+                   help="relax a seeded subset of N MP-20 rows per system (its elements always kept; default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_potentials)
+
     p = actions.add_parser("recover", help="known held-out MP-20 structures found within sampling budgets")
     p.add_argument("--systems", default="auto",
                    help="'auto' (held-out ternary systems chosen from MP-20) or comma-separated systems, "
@@ -83,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--relax", default=None, metavar="POTENTIAL",
                    help="also match each sample of a known formula after a short relaxation with this potential "
-                        "(chgnet or mattersim; default: no relaxation)")
+                        "(chgnet, sevennet or mattersim; default: no relaxation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device for --relax (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -470,6 +485,28 @@ def format_sun(report: dict) -> str:
 
 
 # -- bench recover ---------------------------------------------------------------------------------------------------
+
+
+def run_potentials(args: argparse.Namespace) -> int:
+    from wyckoff_lab.core.paths import DataUnavailableError
+    from wyckoff_lab.core.potential_agreement import benchmark, format_table
+    from wyckoff_lab.core.relax import POTENTIALS
+
+    names = list(dict.fromkeys(n.strip() for n in args.potentials.split(",") if n.strip()))
+    unknown = [n for n in names if n not in POTENTIALS]
+    if not names or unknown:
+        raise CommandError(f"--potentials takes comma-separated names from {', '.join(POTENTIALS)}, got "
+                           f"{args.potentials!r}")
+    if args.max_per_system is not None and args.max_per_system < 1:
+        raise CommandError(f"--max-per-system must be at least 1, got {args.max_per_system}")
+    try:
+        report = benchmark(names, _parse_systems(args.systems), args.max_per_system, args.seed, args.device,
+                           progress=sys.stderr.isatty())
+    except DataUnavailableError as exc:
+        raise CommandError(f"bench potentials needs MP-20 (all splits): {exc}") from None
+    report = _strict({"machine": machine_info()} | report)
+    emit(report, args.json, format_table(report))
+    return _exit_code("potentials", {name: row.get("error") for name, row in report["potentials"].items()})
 
 
 def run_recover(args: argparse.Namespace) -> int:

@@ -145,3 +145,50 @@ def test_the_app_forks_its_job_server_before_any_thread_exists(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "THREADS 1 OPEN 0" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_a_background_callback_registered_after_the_job_server_started_still_runs(tmp_path):
+    """Jupyter: a second widget shown in the same kernel registers its background callbacks after the shared
+    context's job server was forked (which copied the registry then). Its jobs must run, not be refused: the job
+    server is replaced by one that has them, but never while a job of the old one still runs (a job refused then
+    says why)."""
+    global CONTEXT
+    import psutil
+    from wyckoff_lab.widgets.context import LabContext, LabSettings
+
+    CONTEXT = context = LabContext(LabSettings(work_dir=tmp_path / "work"))
+    manager = context.manager
+    manager._warm_up_steps = lambda: [("a quick step", lambda: None)]
+    manager.func_registry["first-widget"] = _threads_job
+    first_pid = context.start_job_server()
+    manager.warm_up_jobs()
+    _wait(manager.jobs_ready.is_set, 30, "the first job server's warm-up")
+    manager.func_registry["second-widget"] = _late_job  # registered as Dash does: looked up by key in the zygote
+    second_pid = context.start_job_server()
+    assert second_pid != first_pid
+    _wait(lambda: not psutil.pid_exists(first_pid), 10, "the replaced job server to exit")
+    manager.call_job_fn("second-result", _late_job, (), {})
+    _wait(lambda: manager.handle.get("second-result") is not None, 30, "the second widget's job")
+    assert manager.handle.get("second-result") == {"ran": True}
+    assert manager.warm_up_state.done, "the new job server was asked to load, as the old one had been"
+    _wait(lambda: not manager._has_live_jobs(), 10, "the second widget's job to end")
+    manager.func_registry["sleeper"] = _sleep_job
+    sleeping = manager.call_job_fn("sleeping", _sleep_job, (), {})  # late too: replaces the server, nothing runs
+    _wait(lambda: manager.started_job(sleeping) is not None and manager.started_job(sleeping).pid is not None, 30,
+          "the sleeping job to start")
+    third_pid = manager.zygote_pid
+    assert third_pid != second_pid
+    manager.func_registry["third-widget"] = _third_job
+    refused = manager.call_job_fn("third-result", _third_job, (), {})
+    assert manager.zygote_pid == third_pid  # not replaced under a running job
+    assert "try again when it has finished" in manager.handle.get("third-result")["background_callback_error"]["msg"]
+    assert manager.started_job(refused) is None and manager.started_job(sleeping) is not None
+    manager.terminate_job(sleeping)
+
+
+def _late_job(key, progress_key, args, context):
+    CONTEXT.manager.handle.set(key, {"ran": True})
+
+
+def _third_job(key, progress_key, args, context):
+    CONTEXT.manager.handle.set(key, {"ran": True})

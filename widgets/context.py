@@ -356,6 +356,7 @@ class WarmDiskcacheManager(DiskcacheManager):
         self.warm_up_state = WarmUpState()
         self.jobs_ready = threading.Event()  # the zygote finished loading: jobs fork at once
         self._registered_at_fork = 0  # background callbacks the zygote has (it copied the registry when forked)
+        self._keys_at_fork: frozenset = frozenset()
         self._warm_asked = False
 
     # -- the job server -------------------------------------------------------------------------------------------
@@ -403,6 +404,7 @@ class WarmDiskcacheManager(DiskcacheManager):
             self.zygote_pid = pid
             self.threads_at_zygote_fork = threads
             self._registered_at_fork = len(self.func_registry)
+            self._keys_at_fork = frozenset(self.func_registry)
             if self._warm_asked:  # the zygote it replaces had been asked to load: so is this one
                 parent_end.send(("warm",))
             threading.Thread(target=self._read_job_server, name="wyckoff-lab-job-server-reader",
@@ -426,6 +428,9 @@ class WarmDiskcacheManager(DiskcacheManager):
         self.zygote_pid, self._connection = None, None
         self.jobs_ready.clear()
         self.warm_up_state = WarmUpState()
+        # Said, not just closed: this process's reader thread is blocked reading the pipe, which keeps it open.
+        with contextlib.suppress(OSError), self._send_lock:
+            connection.send(("stop",))
         connection.close()
         log.info("job server %d replaced: background callbacks were registered after it started", old_pid)
         threading.Thread(target=_reap, args=(old_pid,), name="wyckoff-lab-job-server-reaper", daemon=True).start()
@@ -482,6 +487,13 @@ class WarmDiskcacheManager(DiskcacheManager):
         registered = next((k for k, fn in self.func_registry.items() if fn is job_fn), None)
         reference = ("registered", registered) if registered is not None else ("object", job_fn)
         job = secrets.randbits(52) + 1  # not a pid: a client's job id names nothing outside this registry
+        if registered is not None and registered not in self._keys_at_fork:  # a job of an earlier widget runs
+            self.handle.set(key, {"background_callback_error": {
+                "msg": "this panel was shown after the background-job server started, which cannot be replaced "
+                       "while another panel's job runs: try again when it has finished", "tb": ""}})
+            with self._jobs_lock:
+                self._jobs[job] = StartedJob(job, sessions, ended=True)
+            return job
         with self._jobs_lock:
             self._forget_finished()
             self._jobs[job] = StartedJob(job, sessions)
@@ -680,6 +692,8 @@ def _zygote_main(manager: WarmDiskcacheManager, connection, warm_up_steps) -> No
                 fork_job(message)
             else:
                 queue.append(message)
+        elif kind == "stop":  # replaced by a new job server: leave as when the server is gone
+            raise EOFError
         elif kind == "drop":
             kept = [m for m in queue if m[1] != message[1]]
             if len(kept) != len(queue):

@@ -192,3 +192,26 @@ def _late_job(key, progress_key, args, context):
 
 def _third_job(key, progress_key, args, context):
     CONTEXT.manager.handle.set(key, {"ran": True})
+
+
+def test_a_dead_job_server_is_said_plainly_on_the_page(tmp_path):
+    """If the job server dies, the warm-up line must not keep saying that jobs are queued: it says that nothing can
+    start and why, and stops polling."""
+    import signal
+
+    from wyckoff_lab.widgets.base import WarmUpBanner
+    from wyckoff_lab.widgets.context import LabContext, LabSettings
+
+    context = LabContext(LabSettings(work_dir=tmp_path / "work"))
+    context.manager._warm_up_steps = lambda: [("a slow step", lambda: time.sleep(30))]
+    pid = context.start_job_server()
+    context.manager.warm_up_jobs()
+    banner = WarmUpBanner(context)
+    _wait(lambda: "a slow step" in banner.shown()[0], 10, "the loading line")
+    assert "queued" in banner.shown()[0]
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: context.manager.warm_up_state.error, 10, "the server to notice the job server died")
+    text, style, stop_polling = banner.shown()
+    assert "stopped" in text and "restart the app" in text and "queued" not in text, text
+    assert style["display"] == "block" and stop_polling
+    os.waitpid(pid, 0)

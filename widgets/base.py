@@ -259,7 +259,11 @@ class WarmUpBanner:
         """(text, style, done) for the warm-up's state now: the page's first draw and every tick show the same."""
         state = self.context.manager.warm_up_state
         text = state.message()
-        style = {"padding": "0.4rem 1rem", "marginBottom": "0.5rem", "display": "none" if state.done else "block"}
+        shown = bool(text)
+        style = {"padding": "0.4rem 1rem", "marginBottom": "0.5rem", "display": "block" if shown else "none"}
+        if state.error:  # nothing is queued any more: the line says why, in red, and stops polling
+            style["backgroundColor"], style["color"] = "#feecf0", "#cc0f35"
+            return text, style, True
         return (f"{text} · {self.QUEUED_NOTE}" if text else "", style, state.done)
 
     def layout(self):

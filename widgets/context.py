@@ -313,8 +313,11 @@ class WarmUpState:
     steps: int = 0
     label: str = ""
     done: bool = False
+    error: str = ""  # the job server is gone: no job can start, and nothing is loading any more
 
     def message(self) -> str:
+        if self.error:
+            return self.error
         if self.done:
             return ""
         if not self.steps:
@@ -449,7 +452,8 @@ class WarmDiskcacheManager(DiskcacheManager):
                 if connection is not self._connection:  # retired on purpose: a new job server has taken over
                     return
                 log.error("the job server is gone: background jobs can no longer start")
-                self.warm_up_state = WarmUpState(label="job server stopped", done=False)
+                self.warm_up_state = WarmUpState(error="the background-job server has stopped: generation, "
+                                                       "relaxation and hulls cannot start; restart the app")
                 return
             kind = message[0]
             if kind == "warming":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -723,3 +724,46 @@ def test_relax_all_places_candidates_on_a_real_hull(context):
     assert hull["elements"] == ["Al", "Cu"]
     candidates = [t for t in hull_figure(hull, records).data if t.name == "candidates"]
     assert len(candidates[0].x) == len(placed)
+
+
+def test_cli_app_behind_a_path_prefix_serves_its_page_for_that_prefix(tmp_path):
+    """`wyckoff-lab app --path-prefix /lab/` (a reverse proxy that strips /lab/): the server answers at / and the
+    page asks for every script, stylesheet and callback under /lab/; a prefix that is not a URL path is refused."""
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from wyckoff_lab.widgets.jupyter import free_port
+
+    command = str(Path(sys.executable).with_name("wyckoff-lab"))
+    bad = subprocess.run([command, "app", "--no-browser", "--path-prefix", "lab"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "--path-prefix" in bad.stderr and "starting with '/'" in bad.stderr
+    port = free_port()
+    process = subprocess.Popen([command, "app", "--no-browser", "--port", str(port), "--path-prefix", "/lab/"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    page = response.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "the app never answered"
+                time.sleep(0.2)
+        sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+        assert sources and all(s.startswith("/lab/") for s in sources if s.startswith("/")), sources
+        config = json.loads(re.search(r'id="_dash-config" type="application/json">(.*?)</script>', page, re.S)[1])
+        assert config["requests_pathname_prefix"] == "/lab/"  # where the page sends its callbacks
+        script = next(s for s in sources if "dash_renderer" in s or "dash-renderer" in s)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{script[len('/lab/'):]}", timeout=10) as response:
+            assert response.status == 200  # the proxy strips the prefix: the server serves it at the root
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "through the proxy at /lab/" in output

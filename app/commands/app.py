@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 import time
 import urllib.request
@@ -36,6 +37,10 @@ def register(subparsers) -> None:
                    help="keep sessions and job results in FOLDER (with the 0600 key that signs session ids), so a "
                         "restart with the same folder keeps every tab's candidates (default: a temporary folder, "
                         "removed when the app stops)")
+    p.add_argument("--path-prefix", default=None, metavar="PATH",
+                   help="the URL path a reverse proxy serves the app under and strips before forwarding, e.g. "
+                        "/proxy/8050/ (jupyter-server-proxy) or /wyckoff/ (default: $WYCKOFF_LAB_PATH_PREFIX, "
+                        "else none); the page then asks for every script and callback under it")
     p.add_argument("--debug", action="store_true", help="Dash debug mode (dev tools, reloading)")
     p.set_defaults(func=run)
 
@@ -94,22 +99,30 @@ def run(args: argparse.Namespace) -> int:
 
     if args.relax_max_steps < 0 or args.samples < 1:
         raise CommandError("--relax-max-steps must be >= 0 and --samples >= 1")
+    from wyckoff_lab.widgets.jupyter import path_prefix
+
+    try:  # the flag, else the environment variable ({port} filled in); JupyterHub's own prefix is for notebooks
+        prefix = path_prefix(args.port, args.path_prefix, environ={k: v for k, v in os.environ.items()
+                                                                   if k != "JUPYTERHUB_SERVICE_PREFIX"})
+    except ValueError as exc:
+        raise CommandError(f"--path-prefix: {exc}") from None
     stop_on_signals()  # before the context makes its work folder: SIGTERM must run its clean-up
     hosts = allowed_host_names(args.host, [*extra_hosts(), *args.allow_host])
     context = LabContext(LabSettings(potential=args.potential, device=args.device, default_generator=args.generator,
                                      relax_max_steps=args.relax_max_steps, default_samples=args.samples,
                                      allowed_hosts=hosts, work_dir=Path(args.work_dir) if args.work_dir else None))
     elements = list(chemical_system(args.elements, "--elements")) if args.elements.strip() else []
-    app = create_app(context, elements=elements)
+    app = create_app(context, path_prefix=prefix, elements=elements)
     # Now: the callbacks are registered and no thread runs yet, so the job server forks a lock-free process.
     context.start_job_server()
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}/"
 
     def announce():
         if wait_until_up(url):
-            print(f"Wyckoff Lab is running at {url} (ready in {time.perf_counter() - started:.1f} s); "
+            where = f"{url} (through the proxy at {prefix})" if prefix else url
+            print(f"Wyckoff Lab is running at {where} (ready in {time.perf_counter() - started:.1f} s); "
                   "press Ctrl+C to stop", flush=True)
-            if not args.no_browser:
+            if not args.no_browser and not prefix:  # behind a proxy only the proxy's URL works
                 import webbrowser
 
                 webbrowser.open(url)

@@ -5,6 +5,7 @@ charge-balanced box, and, in headless Chromium, label boxes, the toolbar, the fi
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -187,6 +188,28 @@ def test_the_orbit_table_shows_free_parameters_in_full():
     assert cell["whiteSpace"] == "normal" and cell["textOverflow"] != "ellipsis" and cell["overflow"] == "visible"
 
 
+def test_the_oblique_view_turns_the_crystal_without_changing_it():
+    """The drawn crystal is the same crystal turned (never mirrored): cell, fractional coordinates and site
+    properties kept, the view direction onto +z (Crystal Toolkit's camera axis), c up."""
+    import numpy as np
+    from pymatgen.core import Lattice, Structure
+
+    from wyckoff_lab.widgets.structure_view import VIEW_DIRECTION, oblique_view
+
+    monoclinic = Structure(Lattice.from_parameters(4.1, 5.3, 7.9, 90, 104, 90), ["Ca", "Al", "Cu"],
+                           [[0, 0, 0], [0.3, 0.1, 0.6], [0.7, 0.5, 0.2]], site_properties={"tag": [1, 2, 3]})
+    turned = oblique_view(monoclinic)
+    assert np.allclose(turned.lattice.parameters, monoclinic.lattice.parameters)
+    assert np.allclose(turned.frac_coords, monoclinic.frac_coords) and turned.site_properties == {"tag": [1, 2, 3]}
+    assert np.sign(np.linalg.det(turned.lattice.matrix)) == np.sign(np.linalg.det(monoclinic.lattice.matrix))
+    unit = turned.lattice.matrix / np.array(turned.lattice.abc)[:, None]
+    view = np.asarray(VIEW_DIRECTION) @ unit
+    assert np.allclose(view / np.linalg.norm(view), [0, 0, 1])
+    c = turned.lattice.matrix[2]
+    assert abs(c[0]) < 1e-9 and c[1] > 0  # c on screen points straight up
+    assert np.allclose(turned.distance_matrix, monoclinic.distance_matrix)
+
+
 # -- symmetry and chemistry forms -------------------------------------------------------------------------------------
 
 
@@ -352,3 +375,115 @@ def test_the_real_app_lays_out_the_forms_the_scene_key_and_the_hull_tab(app_url,
     labels = [c.get_attribute("textContent") for c in
               browser.find_elements(By.CSS_SELECTOR, "#wl-sym-wyckoff td[data-dash-column=label]")]
     assert labels[0] == "192l" and {"4a", "4b"} <= set(labels)
+
+
+# The 3D view's camera, read from the page: Crystal Toolkit's three.js scene object (held in a React ref of the
+# CrystalToolkitScene component, found through the React fiber of the scene's mount node), its camera's direction,
+# and every drawn atom projected through that camera to canvas pixels (x, y, depth, radius), as the renderer draws
+# them; the cell vectors a, b, c come from the scene JSON the page holds (the unit cell's first three edges).
+SCENE_CAMERA = """
+const root = document.getElementById(arguments[0]);
+const canvas = root && root.querySelector('canvas');
+let view = null;
+for (let node = canvas; node && !view; node = node.parentElement) {
+  const key = Object.keys(node).find(k => k.startsWith('__reactFiber$'));
+  for (let fiber = key && node[key]; fiber && !view; fiber = fiber.return) {
+    for (let hook = fiber.memoizedState; hook && typeof hook === 'object' && 'next' in hook && !view;
+         hook = hook.next) {
+      const ref = hook.memoizedState;
+      if (ref && ref.current && ref.current.camera && ref.current.scene && ref.current.threeUUIDTojsonObject) {
+        view = ref.current;
+      }
+    }
+  }
+}
+if (!view) return null;
+const camera = view.camera;
+camera.updateMatrixWorld();
+const direction = camera.getWorldDirection(camera.position.clone());
+const up = camera.position.clone().set(0, 1, 0).applyQuaternion(camera.quaternion);
+const width = view.renderer.domElement.clientWidth;
+const pxPerUnit = width * camera.zoom / (camera.right - camera.left);
+const atoms = [];
+for (const [uuid, json] of Object.entries(view.threeUUIDTojsonObject)) {
+  const group = json.type === 'spheres' && view.scene.getObjectByProperty('uuid', uuid);
+  if (!group) continue;
+  for (const mesh of group.children) {
+    const p = mesh.getWorldPosition(camera.position.clone()).project(camera);
+    atoms.push([p.x * width / 2, p.y * width / 2, p.z, json.radius * pxPerUnit]);
+  }
+}
+const data = window.dash_component_api.getLayout(arguments[0]).props.data;
+const find = (node, test) => {
+  if (!node || typeof node !== 'object') return null;
+  if (test(node)) return node;
+  for (const child of node.contents || []) { const found = find(child, test); if (found) return found; }
+  return null;
+};
+const lines = find(find(data, n => n.name === 'unit_cell'), n => n.type === 'lines');
+if (!lines) return null;  // no structure drawn yet
+const edges = lines.positions;
+const cell = [0, 2, 4].map(i => edges[i + 1].map((v, k) => v - edges[i][k]));  // origin -> a, b, c
+return {direction: [direction.x, direction.y, direction.z], up: [up.x, up.y, up.z], atoms: atoms, cell: cell,
+        data: JSON.stringify(data)};
+"""
+
+
+def hidden_atoms(atoms) -> int:
+    """Drawn atoms whose centre lies under a nearer atom, within half their own radius on screen."""
+    return sum(any(j != i and other[2] < atom[2] and math.dist(atom[:2], other[:2]) < 0.5 * atom[3]
+                   for j, other in enumerate(atoms)) for i, atom in enumerate(atoms))
+
+
+def _angle(u, v) -> float:
+    cosine = abs(sum(a * b for a, b in zip(u, v))) / (math.hypot(*u) * math.hypot(*v))
+    return math.degrees(math.acos(min(1.0, cosine)))
+
+
+@pytest.fixture
+def rocksalt_view_url(tmp_path, monkeypatch, mp20_al_ca_cu):
+    """A StructureView of rock salt (conventional cell: viewed down a cube axis, 18 of its 27 drawn atoms sit behind
+    others) served on its own from a thread, as `StructureView(structure).show()` serves it."""
+    from pymatgen.core import Lattice, Structure
+
+    from wyckoff_lab.widgets.context import LabContext, LabSettings
+    from wyckoff_lab.widgets.jupyter import ThreadedServer
+    from wyckoff_lab.widgets.structure_view import StructureView
+
+    monkeypatch.setenv("WYCKOFF_LAB_DATA", str(mp20_al_ca_cu))
+    context = LabContext(LabSettings(warm_up=False, work_dir=tmp_path / "work"))
+    rocksalt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    server = ThreadedServer(StructureView(rocksalt, context=context).app(), 0)
+    yield server.url
+    server.stop()
+    context.sessions.close()
+
+
+@pytest.mark.needs_chromium
+def test_the_3d_view_looks_at_the_crystal_obliquely_and_fills_the_frame(rocksalt_view_url, browser):
+    """The camera as the page holds it: not along a, b or c (within 15 degrees), no drawn atom hidden behind
+    another, c pointing up on screen, the structure spanning the view (FRAME_FILL); the same after a redraw with
+    new scene data (Crystal Toolkit puts its camera back on every new scene)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_app_e2e import _scene_fill
+
+    scene_id = "CTwl-view-ct_scene"
+    browser.get(rocksalt_view_url)
+    camera = lambda d: d.execute_script(SCENE_CAMERA, scene_id)
+    seen = WebDriverWait(browser, 120, poll_frequency=0.5).until(lambda d: (c := camera(d)) and c["atoms"] and c)
+    for redraw in ("element", "orbit"):
+        assert len(seen["atoms"]) == 27, redraw  # Na on corners and faces (14), Cl on edges and centre (13)
+        angles = [_angle(seen["direction"], vector) for vector in seen["cell"]]
+        assert min(angles) > 15, (redraw, angles, seen["direction"], seen["cell"])
+        assert hidden_atoms(seen["atoms"]) == 0, (redraw, hidden_atoms(seen["atoms"]))
+        c = seen["cell"][2]
+        along = sum(a * b for a, b in zip(c, seen["direction"]))
+        across = [x - along * d for x, d in zip(c, seen["direction"])]  # c as it lies on the screen
+        assert _angle(across, seen["up"]) < 1 and sum(a * b for a, b in zip(across, seen["up"])) > 0, redraw
+        assert _scene_fill(browser, scene_id) >= 0.6, redraw
+        if redraw == "element":  # colour by orbit: new scene data, so Crystal Toolkit sets its camera up again
+            before = seen["data"]
+            browser.find_element(By.XPATH, "//*[@id='wl-view-colour']//label[contains(., 'Wyckoff orbit')]").click()
+            seen = WebDriverWait(browser, 60, poll_frequency=0.5).until(
+                lambda d: (c := camera(d)) and c["atoms"] and c["data"] != before and c)

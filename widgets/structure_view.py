@@ -22,6 +22,12 @@ ELEMENT_SCHEME = "VESTA"
 # the structure fill FRAME_FILL of the view, whatever its shape.
 FRAME_FILL = 0.75
 SCENE_SETTINGS = {"zoomToFit2D": True, "defaultZoom": FRAME_FILL}
+# Crystal Toolkit's scene puts its camera on the +z axis (settings "cameraAxis" z, "cameraPosition" back) and puts it
+# back there on every new scene: a camera state set from outside is undone by the next structure or relaxation
+# frame. Lattices are stored with a along x and c near z, so the view looked down c, and atoms stacked along c hid
+# one another. The view turns the drawn crystal instead (a rotation, never a mirror: handedness is kept), so that
+# this direction, in units of the cell's own unit vectors (a/|a|, b/|b|, c/|c|), faces the camera with c up.
+VIEW_DIRECTION = (1.0, 0.6, 0.4)
 
 
 DISPLAY_COLOR = "display_color"  # Crystal Toolkit draws a site in this site property's colour, whatever the scheme
@@ -139,6 +145,29 @@ def orbit_rows(structure: Structure) -> list[dict]:
         rows.append({"element": orbit.element, "wyckoff": orbit.label, "site_symmetry": orbit.position.site_symmetry,
                      "free": free or "fixed"})
     return rows
+
+
+def view_rotation(lattice, direction=VIEW_DIRECTION) -> np.ndarray:
+    """The proper rotation (rows: screen right, up, towards the viewer) that turns `direction` (in units of the
+    cell's unit vectors) onto +z, where Crystal Toolkit's camera sits, and the cell's c axis to point up on screen
+    (its b axis where c is along the view)."""
+    unit = lattice.matrix / np.linalg.norm(lattice.matrix, axis=1)[:, None]
+    towards_viewer = np.asarray(direction, dtype=float) @ unit
+    towards_viewer /= np.linalg.norm(towards_viewer)
+    for axis in (unit[2], unit[1]):
+        up = axis - (axis @ towards_viewer) * towards_viewer
+        if np.linalg.norm(up) > 1e-6:
+            break
+    up /= np.linalg.norm(up)
+    return np.array([np.cross(up, towards_viewer), up, towards_viewer])
+
+
+def oblique_view(structure: Structure, direction=VIEW_DIRECTION) -> Structure:
+    """The same crystal (lattice parameters, fractional coordinates, site properties) with its Cartesian frame
+    turned by `view_rotation`: drawn by Crystal Toolkit, it is seen along `direction`, not down a cell axis."""
+    rotation = view_rotation(structure.lattice, direction)
+    return Structure(structure.lattice.matrix @ rotation.T, structure.species, structure.frac_coords,
+                     site_properties=structure.site_properties)
 
 
 def structure_payload(structure: Structure, title: str, source: str, bonds_key: str | None = None) -> dict:
@@ -336,6 +365,8 @@ class StructureView(Widget):
                 annotated, group = annotate_orbits(structure)
                 colours, legend = site_colors(annotated, colour or "element")
                 annotated.add_site_property(DISPLAY_COLOR, colours)  # wins over Crystal Toolkit's scheme
+                # seen obliquely; fractional coordinates are unchanged, so the bond cache still matches
+                annotated = oblique_view(annotated)
                 rows = orbit_rows(structure)
                 options = graph_options or {}
                 if options.get("bonding_strategy", BONDING) == BONDING and options.get(

@@ -106,6 +106,21 @@ def test_a_missing_sevenn_package_is_unavailable_with_the_install_command(monkey
         relax_mod.sevennet_checkpoint()
 
 
+def test_mp2020_corrections_follow_mp_gga_plus_u_rules():
+    from pymatgen.core import Lattice, Structure
+
+    from wyckoff_lab.core.potential_agreement import _mp2020_scheme, mp2020_energy
+
+    scheme = _mp2020_scheme()
+    rock_salt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.4), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    oxide = scheme.comp_correction["oxide"]
+    assert mp2020_energy(rock_salt, -40.0) == pytest.approx(-40.0 + 4 * oxide)  # GGA: anion correction only
+    rock_salt.replace_species({"Mg": "Mn"})  # MP runs Mn oxides in GGA+U: U mixing correction per Mn too
+    assert mp2020_energy(rock_salt, -40.0) == pytest.approx(-40.0 + 4 * oxide + 4 * scheme.u_corrections["O"]["Mn"])
+    alloy = Structure.from_spacegroup("Pm-3m", Lattice.cubic(3.0), ["Al", "Cu"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert mp2020_energy(alloy, -8.0) == -8.0
+
+
 def test_bench_potentials_on_one_system(mp20_al_ca_cu, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(paths.DATA_ENV, str(mp20_al_ca_cu))
     monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
@@ -127,6 +142,9 @@ def test_bench_potentials_on_one_system(mp20_al_ca_cu, tmp_path, monkeypatch, ca
     kept = system["dft_stable_kept"]
     assert kept["on_hull"] <= kept["within_0.025"] <= kept["within_0.05"] <= kept["n"]
     assert entry["total"]["dft_stable"] == kept["n"] and entry["total"]["rows"] == 4
+    corrected = report["potentials"]["sevennet+mp2020"]  # no anions in Al-Ca-Cu: the same energies, from cache
+    assert corrected["mp2020_corrections"] and corrected["total"]["relaxed_now"] == 0
+    assert corrected["systems"]["Al-Ca-Cu"]["phases"] == system["phases"]
     timing = entry["timing"]
     assert timing["structures"] == 1 and timing["steps"] == 10
     assert timing["batched"]["ms_per_step"] > 0 and timing["single"]["ms_per_atom_step"] > 0

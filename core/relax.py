@@ -939,7 +939,7 @@ def relax(
     (default: the one set with `relax_progress`, for callers that relax through other modules, e.g. the hull).
 
     fmax in eV/Å; max_steps FIRE steps (0 = single point). All unfinished structures are evaluated together each
-    step (batched for CHGNet and MatterSim). Never raises for a bad structure: its result carries a status.
+    step (batched for CHGNet, MatterSim and SevenNet). Never raises for a bad structure: its result carries a status.
     Results are cached on disk (cache_dir()/relax) per structure, potential identity and settings. Raises
     ValueError for settings out of range and DeviceError for a device this machine lacks.
     """

@@ -40,6 +40,22 @@ def generate(n: int, seed: int):
                                    lambda done, total: None)
 
 
+def operations_per_atom(structure, symprec: float) -> float:
+    """Symmetry operations per atom of the primitive cell (point-group order / atoms in the primitive cell), with
+    the tolerances of the space-group numbers compared (pymatgen's SpacegroupAnalyzer, as
+    `records.spacegroup_number`): for the same atoms, a supergroup has more, a subgroup fewer. 0 where spglib
+    finds no dataset. The primitive cell, because a given cell may not be invariant under every operation (a
+    tetragonal cell of a cubic crystal), and spglib then leaves those out."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        primitive = SpacegroupAnalyzer(structure, symprec=symprec).find_primitive()
+        rotations = SpacegroupAnalyzer(primitive, symprec=symprec).get_symmetry_dataset().rotations
+    except Exception:  # no dataset for a degenerate cell
+        return 0.0
+    return len(rotations) / len(primitive)
+
+
 def relax_and_count(candidates, potential, fix_symmetry: bool) -> dict:
     """Relax the candidates as the app's "Relax all" does (its fmax and max steps, the cell as generated) and count:
     statuses, space group changed (spglib at SYMPREC, generated vs relaxed), converged above fmax."""
@@ -59,7 +75,7 @@ def relax_and_count(candidates, potential, fix_symmetry: bool) -> dict:
                                       primitive=False, fix_symmetry=fix_symmetry, progress=True,
                                       desc="relaxing (symmetry kept)" if fix_symmetry else "relaxing (free)")
     seconds = time.perf_counter() - started
-    changes, forces_above = Counter(), []
+    changes, direction, forces_above = Counter(), Counter(), []
     changed = usable = 0
     for candidate, result in zip(candidates, relaxation.results):
         if result.status not in USABLE:
@@ -72,6 +88,13 @@ def relax_and_count(candidates, potential, fix_symmetry: bool) -> dict:
         if after != before:
             changed += 1
             changes[f"{before} -> {after}"] += 1
+            # more symmetry operations per atom: a supergroup; fewer: a subgroup
+            ratio = operations_per_atom(result.final, SYMPREC) / max(
+                operations_per_atom(candidate.structure, SYMPREC), 1e-9)
+            gained, lost = ratio > 1 + 1e-6, ratio < 1 - 1e-6
+            direction["gained symmetry"] += gained
+            direction["lost symmetry"] += lost
+            direction["same number of operations"] += not (gained or lost)
         if result.status == "converged" and math.isfinite(result.max_force) and result.max_force > settings.relax_fmax:
             forces_above.append(round(result.max_force, 4))
     statuses = Counter(r.status for r in relaxation.results)
@@ -80,6 +103,7 @@ def relax_and_count(candidates, potential, fix_symmetry: bool) -> dict:
         "fix_symmetry": fix_symmetry, "fmax": settings.relax_fmax, "max_steps": settings.relax_max_steps,
         "symprec": SYMPREC, "relaxed": len(relaxation.results), "usable": usable, "statuses": dict(statuses),
         "spacegroup_changed": changed, "changes": dict(changes.most_common()),
+        "change_direction": dict(direction),
         "converged_above_fmax": len(forces_above), "converged_above_fmax_forces": sorted(forces_above),
         "converged_max_force_max": round(max(converged_forces), 4) if converged_forces else None,
         "seconds": round(seconds, 1),

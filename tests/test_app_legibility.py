@@ -1,7 +1,8 @@
 """Legible hulls and 3D views, the symmetry and generation forms (issue 17, part C): the hull figure's colour
 scale, units and labels (real MP-20 Al-Ca-Cu phases), a build only on request with its cost, element colours
 that differ, the orbit and Wyckoff tables, the chemist's order of a system, the cell-size warning, the
-charge-balanced box, and, in headless Chromium, label boxes, the toolbar, the figure's size and the colour key."""
+charge-balanced box, and, in headless Chromium, label boxes, the toolbar, the figure's size, the colour key and
+the 3D view's camera (oblique, no atom hidden behind another, the frame filled)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ class DiscoveryError(ValueError):
 class DiscoveryPlan:
     """What to discover and how.
 
-    elements: the chemical system (1-5 elements). budget_min: wall minutes for the full relaxations (> 0; the
+    elements: the chemical system (1-5 elements; "Al,Ca,Cu" or "Al-Ca-Cu" also do). budget_min: wall minutes for the full relaxations (> 0; the
     pool, the hull and the pre-screen come on top). generators: registered names, None for every one that honours
     `elements`. samples: candidates asked of each generator. prescreen: "single_point" (one energy of the generated
     cell), "short_relax" (`prescreen_steps` FIRE steps) or "none" (relax in pool order, generators taking turns).
@@ -86,7 +87,8 @@ class DiscoveryPlan:
     chunk: int | None = None
 
     def __post_init__(self) -> None:
-        symbols = [str(e).strip() for e in self.elements if str(e).strip()]
+        given = re.split(r"[,\-\s]+", self.elements) if isinstance(self.elements, str) else self.elements
+        symbols = [str(e).strip() for e in given if str(e).strip()]
         unknown = [s for s in symbols if not Element.is_valid_symbol(s)]
         if unknown:
             raise ValueError(f"unknown element{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")

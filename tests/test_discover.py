@@ -170,6 +170,7 @@ def test_cli_writes_cifs_tables_and_hull_and_prints_the_json(runs, funnel_env, t
 
 
 def test_unknown_elements_and_a_zero_budget_are_refused(capsys, tmp_path):
+    assert DiscoveryPlan("Cu-Al,Ca", 1.0).elements == SYSTEM  # written as on the command line, in Z order
     with pytest.raises(ValueError, match="unknown element Xx"):
         DiscoveryPlan(("Xx", "Cu"), 1.0)
     for budget in (0, -1.0, math.nan):

@@ -259,12 +259,15 @@ class _Clock:
 def discover(plan: DiscoveryPlan, generators: Mapping[str, Generator] | None = None,
              potential: LoadedPotential | None = None, on_event: EventCallback | None = None,
              on_candidate: Callable[[DiscoveryCandidate], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> DiscoveryResult:
+             should_stop: Callable[[], bool] | None = None,
+             on_ranked: Callable[[list[DiscoveryCandidate], list[DiscoveryCandidate]], None] | None = None
+             ) -> DiscoveryResult:
     """Run the funnel of `plan`: pool, deduplicate, hull, pre-screen, relax the best first until the budget.
 
     `generators`: already loaded generators by name (the app's); the others are loaded here. `potential`: an
-    already loaded one (else `plan.potential` is loaded). `on_candidate(c)` as each candidate is placed on the
-    hull after its full relaxation. `should_stop()` is asked between relaxation chunks (the app's cancel); a
+    already loaded one (else `plan.potential` is loaded). `on_ranked(pool, order)` once the pre-screen has ranked
+    the candidates to relax (`order`, best first; `pool`: every candidate), before any full relaxation, and
+    `on_candidate(c)` as each candidate is placed on the hull after its full relaxation (the app shows both). `should_stop()` is asked between relaxation chunks (the app's cancel); a
     Ctrl-C during the relaxations also ends them and returns what was done. Every finished relaxation is in the
     relaxation cache, so running the same plan again resumes: the seeded pool is the same and its relaxations
     come from the cache (at no cost against the budget, which then goes to the next candidates).
@@ -297,6 +300,8 @@ def discover(plan: DiscoveryPlan, generators: Mapping[str, Generator] | None = N
     for rank, candidate in enumerate(order):
         candidate.rank = rank
     clock.stop()
+    if on_ranked is not None:
+        on_ranked(pool, order)
 
     clock.start("relax")
     stopped = _relax_in_order(order, plan, loaded, book, chunk, report, on_candidate, should_stop)

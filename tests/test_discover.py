@@ -55,12 +55,12 @@ def plan(budget_min: float, **kwargs) -> DiscoveryPlan:
 @pytest.fixture(scope="module")
 def runs(generators):
     """The same plan three times: a budget too small for the pool, one big enough, and that one again."""
-    events = []
-    placed = []
-    tiny = discover(plan(TINY_BUDGET_MIN), generators, on_event=lambda *event: events.append(event))
+    events, placed, ranked = [], [], []
+    tiny = discover(plan(TINY_BUDGET_MIN), generators, on_event=lambda *event: events.append(event),
+                    on_ranked=lambda pool, order: ranked.append(([c.index for c in order], [c.result for c in pool])))
     full = discover(plan(ENOUGH_BUDGET_MIN), generators, on_candidate=placed.append)
     again = discover(plan(ENOUGH_BUDGET_MIN), generators)
-    return {"tiny": tiny, "full": full, "again": again, "events": events, "placed": placed}
+    return {"tiny": tiny, "full": full, "again": again, "events": events, "placed": placed, "ranked": ranked}
 
 
 def relaxed(result):
@@ -92,6 +92,8 @@ def test_candidates_are_relaxed_best_prescreen_first_and_the_budget_stops_them(r
     scores = [c.prescreen for c in screened]
     assert len(screened) > CHUNK and all(a <= b for a, b in zip(scores, scores[1:])), scores
     assert all(c.prescreen_status is not None for c in screened)
+    (order, results_then), = runs["ranked"]  # told once, before any full relaxation
+    assert order == [c.index for c in screened] and all(r is None for r in results_then)
     done = relaxed(result)
     assert result.stopped == "budget"
     assert 1 <= len(done) < len(screened)

@@ -267,3 +267,17 @@ def test_broken_candidates_get_a_status_and_the_worst_score_never_a_crash(funnel
     assert by_index[5].status == DUPLICATE and by_index[5].duplicate_of == 1
     assert by_index[1].generators == ["fixed", "again"] and by_index[1].generator == "fixed+again"
     assert result.stopped == "pool exhausted"
+
+
+def test_a_ctrl_c_during_the_relaxations_keeps_what_finished_and_a_rerun_resumes(runs, generators):
+    def interrupt_after_the_first(candidate):
+        raise KeyboardInterrupt  # as a Ctrl-C arriving while the next structures relax
+
+    cut = discover(plan(ENOUGH_BUDGET_MIN), generators, on_candidate=interrupt_after_the_first)
+    assert cut.stopped == "interrupted"
+    kept = relaxed(cut)
+    assert [c.rank for c in kept] == [0] and kept[0].result.status in USABLE_STATUSES
+    assert math.isfinite(kept[0].e_above_hull) and kept[0].msun is not None  # judged like any finished run
+    resumed = discover(plan(ENOUGH_BUDGET_MIN), generators)
+    assert resumed.stopped == "pool exhausted" and all(c.result.cached for c in relaxed(resumed))
+    assert resumed.candidates[kept[0].index].e_above_hull == kept[0].e_above_hull

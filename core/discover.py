@@ -267,8 +267,9 @@ def discover(plan: DiscoveryPlan, generators: Mapping[str, Generator] | None = N
     `generators`: already loaded generators by name (the app's); the others are loaded here. `potential`: an
     already loaded one (else `plan.potential` is loaded). `on_ranked(pool, order)` once the pre-screen has ranked
     the candidates to relax (`order`, best first; `pool`: every candidate), before any full relaxation, and
-    `on_candidate(c)` as each candidate is placed on the hull after its full relaxation (the app shows both). `should_stop()` is asked between relaxation chunks (the app's cancel); a
-    Ctrl-C during the relaxations also ends them and returns what was done. Every finished relaxation is in the
+    `on_candidate(c)` as each candidate is placed on the hull after its full relaxation (the app shows both).
+    `should_stop()` is asked between relaxation chunks (the app's cancel); a Ctrl-C during the relaxations also
+    ends them and returns what was done. Every finished relaxation is in the
     relaxation cache, so running the same plan again resumes: the seeded pool is the same and its relaxations
     come from the cache (at no cost against the budget, which then goes to the next candidates).
     Raises ValueError (DiscoveryError) for a system no generator serves or whose hull cannot be built, and

@@ -1,4 +1,4 @@
-"""Discover: pool every generator's candidates for one chemical system, pre-screen them cheaply, fully relax the best."""
+"""Discover: pool every generator's candidates for one chemical system, pre-screen them, fully relax the best."""
 
 from __future__ import annotations
 
@@ -63,10 +63,11 @@ class DiscoveryError(ValueError):
 class DiscoveryPlan:
     """What to discover and how.
 
-    elements: the chemical system (1-5 elements; "Al,Ca,Cu" or "Al-Ca-Cu" also do). budget_min: wall minutes for the full relaxations (> 0; the
-    pool, the hull and the pre-screen come on top). generators: registered names, None for every one that honours
-    `elements`. samples: candidates asked of each generator. prescreen: "single_point" (one energy of the generated
-    cell), "short_relax" (`prescreen_steps` FIRE steps) or "none" (relax in pool order, generators taking turns).
+    elements: the chemical system (1-5 elements; "Al,Ca,Cu" or "Al-Ca-Cu" also do). budget_min: wall minutes
+    for the full relaxations (> 0; the pool, the hull and the pre-screen come on top). generators: registered
+    names, None for every one that honours `elements`. samples: candidates asked of each generator. prescreen:
+    "single_point" (one energy of the generated cell), "short_relax" (`prescreen_steps` FIRE steps) or "none"
+    (relax in pool order, generators taking turns).
     fmax / max_steps / max_references: as the pipeline's and the hull's, so candidates and references relax alike.
     chunk: structures per full-relaxation call (default: the potential's batch size on its device); the budget
     is checked between chunks, so a run overshoots it by at most one chunk.

@@ -235,6 +235,57 @@ def test_full_workflow_in_chromium(app_url, browser, tmp_path):
     assert "Traceback" not in app_log.read_text(), app_log.read_text()[-3000:]
 
 
+@needs_chromium
+def test_the_discover_button_runs_the_funnel_in_the_real_app(app_url, browser):
+    """Al, Cu picked, a budget of 0.2 min and 3 samples per generator, Discover pressed: the progress line names
+    the stages, the table fills with ranked candidates, some relaxed and placed on the hull; the page stays clean."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _, log = app_url
+    browser.get(url)
+    wait = WebDriverWait(browser, 240, poll_frequency=0.1)
+    text = lambda element_id: browser.find_element(By.ID, element_id).text
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#wl-disc-generators input"))
+    for symbol in ("Al", "Cu"):
+        browser.find_element(By.CSS_SELECTOR, f"button[id*='\"el\":\"{symbol}\"']").click()
+    wait.until(lambda d: "Al-Cu" in text("wl-chem-summary"))
+    from selenium.webdriver.common.keys import Keys
+
+    for element_id, value in (("wl-disc-budget", "0.2"), ("wl-disc-samples", "3")):
+        field = browser.find_element(By.ID, element_id)
+        field.send_keys(Keys.CONTROL, "a")  # (clear() is undone by React re-rendering the preset value)
+        field.send_keys(value)
+        wait.until(lambda d, field=field, value=value: field.get_attribute("value") == value)
+    time.sleep(0.5)
+    browser.find_element(By.ID, "wl-disc-run").click()
+    seen = set()
+
+    def finished(driver):
+        label = text("wl-disc-progress-label")
+        seen.update(stage for stage in ("sampling", "pre-screening", "relaxing the best first") if stage in label)
+        return "pooled" in text("wl-disc-status") or "is-danger" in driver.find_element(
+            By.ID, "wl-disc-status").get_attribute("innerHTML")
+
+    try:
+        wait.until(finished)
+    except Exception:
+        raise AssertionError(f"Discover never finished: progress {text('wl-disc-progress-label')!r}, status "
+                             f"{text('wl-disc-status')!r}; app log: {log.read_text()[-3000:]}") from None
+    status = text("wl-disc-status")
+    assert "pooled" in status and "relaxed with chgnet" in status, status
+    assert {"sampling", "relaxing the best first"} <= seen, seen
+    rows = browser.find_elements(By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=formula]")
+    assert rows
+    cells = browser.find_elements(By.CSS_SELECTOR, "#wl-cand-table td[data-dash-column=e_above_hull]")
+    hull = [cell.text for cell in cells]
+    assert any(value.strip() for value in hull), hull
+    severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not severe, severe
+    assert "Traceback" not in log.read_text()
+
+
+
 def test_notebook_embeds_the_explorer(mp20_al_ca_cu, tmp_path, monkeypatch):
     """tests/notebooks/explorer.ipynb runs headless: the Explorer and a lone StructureView display inline (an iframe
     each) and their servers answer."""

@@ -10,6 +10,7 @@ from wyckoff_lab.widgets.base import Widget
 from wyckoff_lab.widgets.candidates import CandidateTable
 from wyckoff_lab.widgets.chemistry import ChemistryPicker
 from wyckoff_lab.widgets.context import WARMUP_WAIT_S
+from wyckoff_lab.widgets.discover import DiscoverPanel
 from wyckoff_lab.widgets.embeddings import TAB_NAME as EMBEDDINGS_TAB
 from wyckoff_lab.widgets.embeddings import EmbeddingView
 from wyckoff_lab.widgets.generate import GeneratePanel
@@ -41,14 +42,15 @@ class Explorer(Widget):
         self.chemistry = ChemistryPicker(elements=elements, formula=formula, max_atoms=max_atoms, **shared)
         self.symmetry = SymmetryPanel(spacegroup_number=spacegroup, template=template, **shared)
         self.generate = GeneratePanel(**shared)
+        self.discover = DiscoverPanel(**shared)
         self.candidates = CandidateTable(**shared)
         self.view = StructureView(follow_selection=True, **shared)
         self.relax = RelaxPanel(**shared)
         self.hull = HullView(**shared)
         self.embeddings = EmbeddingView(**shared)
         self.teach = TeachView(**shared)
-        self.children = [self.chemistry, self.symmetry, self.generate, self.candidates, self.view, self.relax,
-                         self.hull, self.embeddings, self.teach]
+        self.children = [self.chemistry, self.symmetry, self.generate, self.discover, self.candidates, self.view,
+                         self.relax, self.hull, self.embeddings, self.teach]
 
     @property
     def ct_components(self):
@@ -95,8 +97,8 @@ class Explorer(Widget):
         return html.Div([
             self.header(),
             html.Div([
-                html.Aside([self.chemistry.layout(), self.symmetry.layout(), self.generate.layout()],
-                           className="wl-sidebar"),
+                html.Aside([self.chemistry.layout(), self.symmetry.layout(), self.generate.layout(),
+                            self.discover.layout()], className="wl-sidebar"),
                 html.Main(tabs, className="wl-main"),
             ], className="wl-body"),
         ], id=self.id("explorer"))

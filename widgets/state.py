@@ -76,6 +76,18 @@ class SessionStore:
                 return 0
             return self._merge(session, updates, batch)
 
+    def reorder_candidates(self, session: str, ids: list[str], batch: str | None = None) -> bool:
+        """Put the records with these ids first, in this order (the others after them, in their order); nothing
+        changes if `batch` is no longer current. The hull and every record's fields stay as they are."""
+        with self.cache.transact():
+            if batch is not None and self.batch(session) != batch:
+                return False
+            records = self.candidates(session)
+            place = {record_id: i for i, record_id in enumerate(ids)}
+            records.sort(key=lambda r: place.get(r["id"], len(place)))
+            self.cache.set(self._key(session, "candidates"), records, expire=SESSION_TTL_S)
+        return True
+
     def store_hull(self, session: str, hull: dict, placements: dict[str, dict], batch: str | None = None,
                    unless: Callable[[], bool] | None = None) -> bool:
         """Keep the session's hull and merge each candidate's place on it, in one transaction: both or, when

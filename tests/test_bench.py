@@ -208,6 +208,32 @@ def test_cli_sun_on_one_system_with_chgnet(na_cl_mp20, capsys):
     assert "S.U.N. by threshold: < 0.001 eV/atom" in format_sun(report)
 
 
+def test_cli_discover_gives_each_strategy_its_own_relaxation_cache(na_cl_mp20, capsys):
+    # Two strategies over the same seeded PyXtal samples on real Na-Cl rows: the second must relax them again (a
+    # shared cache would hand it the first one's relaxations for free and inflate its M.S.U.N. per CPU-hour).
+    import os
+
+    before = os.environ[paths.CACHE_ENV]
+    assert main(["bench", "discover", "--systems", "Na-Cl", "--strategies", "pyxtal-relax-all,pyxtal+prescreen",
+                 "--budget-min", "0.05", "--samples", "3", "--max-steps", "20", "--potential", "chgnet",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert os.environ[paths.CACHE_ENV] == before  # the strategies' caches were temporary
+    assert report["strategies"] == ["pyxtal-relax-all", "pyxtal+prescreen"] and list(report["systems"]) == ["Cl-Na"]
+    for name, row in report["systems"]["Cl-Na"].items():
+        assert "error" not in row, row
+        assert row["counts"]["relaxed"] >= 1 and row["counts"]["relaxed_cached"] == 0, (name, row["counts"])
+        assert row["minutes"] > 0 and set(row["stage_minutes"]) == {"pool", "dedup", "hull", "prescreen", "relax"}
+        assert row["msun_per_cpu_hour"] == pytest.approx(row["msun"] / (row["minutes"] / 60))
+    totals = report["totals"]
+    base = totals["pyxtal-relax-all"]
+    assert base["msun_per_cpu_hour_vs_pyxtal"] in (None, 1.0)
+    if base["msun"]:
+        other = totals["pyxtal+prescreen"]
+        assert other["msun_per_cpu_hour_vs_pyxtal"] == pytest.approx(other["msun_per_cpu_hour"]
+                                                                      / base["msun_per_cpu_hour"])
+
+
 def test_structures_are_relaxed_in_their_primitive_cells():
     from wyckoff_lab.core.structures import primitive_cell
 

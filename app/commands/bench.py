@@ -89,6 +89,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_potentials)
 
+    p = actions.add_parser("discover", help="distinct S.U.N. / M.S.U.N. per CPU-hour of each discovery strategy "
+                                            "(each generator alone, with the pre-screen, the pooled funnel)")
+    p.add_argument("--systems", default=None, help="comma-separated chemical systems (default: the eight of "
+                                                   "issue 16, Li-Mn-O,...,Mn-Ni-Sb)")
+    p.add_argument("--strategies", default="all", help="comma-separated strategies or 'all'")
+    p.add_argument("--budget-min", type=float, default=5.0,
+                   help="minutes of full relaxations per strategy and system (default 5)")
+    p.add_argument("--samples", type=int, default=50, help="samples per generator (default 50)")
+    p.add_argument("--max-steps", type=int, default=None, help="FIRE steps per relaxation (default: the pipeline's)")
+    p.add_argument("--potential", default=None, help="potential (default: as relax: MatterSim, else CHGNet)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_discover)
+
     p = actions.add_parser("recover", help="known held-out MP-20 structures found within sampling budgets")
     p.add_argument("--systems", default="auto",
                    help="'auto' (held-out ternary systems chosen from MP-20) or comma-separated systems, "
@@ -507,6 +522,33 @@ def run_potentials(args: argparse.Namespace) -> int:
     report = _strict({"machine": machine_info()} | report)
     emit(report, args.json, format_table(report))
     return _exit_code("potentials", {name: row.get("error") for name, row in report["potentials"].items()})
+
+
+def run_discover(args: argparse.Namespace) -> int:
+    from wyckoff_lab.core.discover_bench import DEFAULT_SYSTEMS, STRATEGIES, benchmark, format_table
+    from wyckoff_lab.core.generators import get_generator
+    from wyckoff_lab.core.relax import PotentialError, resolve_potential
+
+    strategies = list(STRATEGIES) if args.strategies == "all" else \
+        list(dict.fromkeys(s.strip() for s in args.strategies.split(",") if s.strip()))
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if not strategies or unknown:
+        raise CommandError(f"--strategies takes 'all' or names from {', '.join(STRATEGIES)}, got {args.strategies!r}")
+    if not args.budget_min > 0 or args.samples < 1:
+        raise CommandError("--budget-min must be > 0 and --samples >= 1")
+    systems = [s.split("-") for s in _parse_systems(args.systems or ",".join(DEFAULT_SYSTEMS))]
+    try:
+        potential = resolve_potential(args.potential, args.device)
+    except PotentialError as exc:
+        raise CommandError(str(exc)) from None
+    names = {n for s in strategies for n in (STRATEGIES[s][0] or ("wyckoff-transformer", "pyxtal", "substitution"))}
+    generators = {name: get_generator(name) for name in sorted(names)}
+    say = (lambda message: print(message, file=sys.stderr, flush=True)) if sys.stderr.isatty() else (lambda m: None)
+    report = benchmark(systems, strategies, args.budget_min, args.samples, args.seed, potential, generators,
+                       args.max_steps, progress=say)
+    report = _strict({"machine": machine_info()} | report)
+    emit(report, args.json, format_table(report))
+    return 0
 
 
 def run_recover(args: argparse.Namespace) -> int:

@@ -29,6 +29,31 @@ def positive_float(text: str) -> float:
     return value
 
 
+def checked_out_folder(text, overwrite: bool, own_output, command: str):
+    """An --out folder checked before any work: new, empty, or (with --overwrite) an earlier `command` run's
+    outputs, which `own_output` (a compiled pattern of the file names that command writes) recognises. Its parent
+    is created; anything else there is refused, never replaced."""
+    from pathlib import Path
+
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file; --out names a folder (a new one, or an earlier {command} run's)")
+    if out.is_dir():
+        entries = sorted(out.iterdir())
+        foreign = [p.name for p in entries if not (p.is_file() and own_output.fullmatch(p.name))]
+        if entries and not overwrite:
+            raise CommandError(f"--out {out} is not empty ({len(entries)} entries); give --overwrite to replace "
+                               f"an earlier {command} run's outputs, or a new folder")
+        if foreign:
+            raise CommandError(f"--out {out} holds files {command} did not write ({', '.join(foreign[:5])}"
+                               f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot create the folder for --out {out}: {exc}") from None
+    return out
+
+
 def emit(result: Any, as_json: bool, text: str | None = None) -> None:
     """Print a command's result: JSON when asked, otherwise the given human text (or pretty JSON)."""
     if as_json:

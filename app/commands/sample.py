@@ -198,29 +198,11 @@ def _check_feasible(conditions, default_max_atoms: int | None = None, generator:
                            f"{where}: no cell can hold one atom of each")
 
 
-def _check_out(text: str, overwrite: bool):
-    """The --out folder, checked before sampling: new, empty, or (with --overwrite) an earlier run's outputs."""
-    from pathlib import Path
+def _check_out(text, overwrite: bool):
+    """The --out folder, checked before any work (see cli.checked_out_folder)."""
+    from wyckoff_lab.app.cli import checked_out_folder
 
-    from wyckoff_lab.app.cli import CommandError
-
-    out = Path(text)
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} is a file; --out names a folder (a new one, or an earlier sample run's)")
-    if out.is_dir():
-        entries = sorted(out.iterdir())
-        foreign = [p.name for p in entries if not (p.is_file() and OWN_OUTPUT.fullmatch(p.name))]
-        if entries and not overwrite:
-            raise CommandError(f"--out {out} is not empty ({len(entries)} entries); give --overwrite to replace "
-                               "an earlier sample run's outputs, or a new folder")
-        if foreign:
-            raise CommandError(f"--out {out} holds files sample did not write ({', '.join(foreign[:5])}"
-                               f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CommandError(f"cannot create the folder for --out {out}: {exc}") from None
-    return out
+    return checked_out_folder(text, overwrite, OWN_OUTPUT, "sample")
 
 
 class _Writer:

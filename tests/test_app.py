@@ -743,8 +743,9 @@ def test_cli_app_behind_a_path_prefix_serves_its_page_for_that_prefix(tmp_path):
                          timeout=60)
     assert bad.returncode == 2 and "--path-prefix" in bad.stderr and "starting with '/'" in bad.stderr
     port = free_port()
+    output = tmp_path / "app.log"
     process = subprocess.Popen([command, "app", "--no-browser", "--port", str(port), "--path-prefix", "/lab/"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               stdout=output.open("w"), stderr=subprocess.STDOUT, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         deadline = time.monotonic() + 120
@@ -763,7 +764,10 @@ def test_cli_app_behind_a_path_prefix_serves_its_page_for_that_prefix(tmp_path):
         script = next(s for s in sources if "dash_renderer" in s or "dash-renderer" in s)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/{script[len('/lab/'):]}", timeout=10) as response:
             assert response.status == 200  # the proxy strips the prefix: the server serves it at the root
+        while "Wyckoff Lab is running" not in output.read_text():  # said by a thread once the server answers
+            assert time.monotonic() < deadline and process.poll() is None, output.read_text()
+            time.sleep(0.2)
+        assert "through the proxy at /lab/" in output.read_text()
     finally:
         process.terminate()
-        output = process.communicate(timeout=30)[0]
-    assert "through the proxy at /lab/" in output
+        process.wait(timeout=30)

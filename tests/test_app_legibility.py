@@ -454,8 +454,11 @@ def rocksalt_view_url(tmp_path, monkeypatch, mp20_al_ca_cu):
     monkeypatch.setenv("WYCKOFF_LAB_DATA", str(mp20_al_ca_cu))
     context = LabContext(LabSettings(warm_up=False, work_dir=tmp_path / "work"))
     rocksalt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    server = ThreadedServer(StructureView(rocksalt, context=context).app(), 0)
-    yield server.url
+    view = StructureView(rocksalt, context=context)
+    server = ThreadedServer(view.app(), 0)
+    # Crystal Toolkit numbers the ids of components made after others of the same name in this process (a full
+    # test run makes many): "CTwl-view-ct-3_scene", not "CTwl-view-ct_scene".
+    yield server.url, view.ct.id("scene")
     server.stop()
     context.sessions.close()
 
@@ -469,8 +472,8 @@ def test_the_3d_view_looks_at_the_crystal_obliquely_and_fills_the_frame(rocksalt
     from selenium.webdriver.support.ui import WebDriverWait
     from test_app_e2e import _scene_fill
 
-    scene_id = "CTwl-view-ct_scene"
-    browser.get(rocksalt_view_url)
+    url, scene_id = rocksalt_view_url
+    browser.get(url)
     camera = lambda d: d.execute_script(SCENE_CAMERA, scene_id)
     seen = WebDriverWait(browser, 120, poll_frequency=0.5).until(lambda d: (c := camera(d)) and c["atoms"] and c)
     for redraw in ("element", "orbit"):

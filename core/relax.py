@@ -398,15 +398,23 @@ def _load_chgnet(device: str) -> LoadedPotential:
                            cutoff=float(model.graph_converter.atom_graph_cutoff))
 
 
+def _checkpoint_named_by(variable: str) -> Path | None:
+    """The checkpoint file an environment variable names (None when unset); a name that is not a file is an error."""
+    env = os.environ.get(variable)
+    if not env:
+        return None
+    path = Path(env).expanduser()
+    if not path.is_file():
+        raise PotentialError(f"{variable}={env} is not a file")
+    return path
+
+
 def sevennet_checkpoint() -> Path:
     """The SevenNet checkpoint file: $WYCKOFF_LAB_SEVENNET_CHECKPOINT, else SevenNet-0 (11Jul2024) from the installed
     sevenn package. Raises PotentialUnavailableError when sevenn is not installed. (load_sevennet checks its bytes.)"""
-    env = os.environ.get(SEVENNET_CHECKPOINT_ENV)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_file():
-            raise PotentialError(f"{SEVENNET_CHECKPOINT_ENV}={env} is not a file")
-        return path
+    named = _checkpoint_named_by(SEVENNET_CHECKPOINT_ENV)
+    if named is not None:
+        return named
     try:
         import sevenn
     except ImportError as exc:
@@ -584,12 +592,9 @@ def mattersim_checkpoint() -> Path:
 
     Raises PotentialUnavailableError when there is none and the download server cannot be reached quickly.
     """
-    env = os.environ.get(MATTERSIM_CHECKPOINT_ENV)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_file():
-            raise PotentialError(f"{MATTERSIM_CHECKPOINT_ENV}={env} is not a file")
-        return path
+    named = _checkpoint_named_by(MATTERSIM_CHECKPOINT_ENV)
+    if named is not None:
+        return named
     path = Path(MATTERSIM_CACHE_DIR).expanduser() / MATTERSIM_CHECKPOINT_NAME
     if not path.is_file():
         failed = _remembered_probe_failure()

@@ -121,6 +121,22 @@ class Widget:
             cancel_jobs(self.context, sid, kind, clicks)
             return html.Div(message, className="wl-message is-warning")
 
+    def background_job_options(self, interval_ms: int, *extra_progress) -> dict:
+        """The `app.callback` options of a panel's background job started by its "run" button: run disabled and
+        cancel enabled while it runs, "progress" shown, cancel by "cancel", and (value, max, label) of the
+        progress bar, then any `extra_progress` outputs, set by `set_progress`."""
+        from dash import Input, Output
+
+        return {"background": True,
+                "running": [(Output(self.id("run"), "disabled"), True, False),
+                            (Output(self.id("cancel"), "disabled"), False, True),
+                            (Output(self.id("progress"), "style"), {"visibility": "visible"},
+                             {"visibility": "hidden"})],
+                "cancel": [Input(self.id("cancel"), "n_clicks")],
+                "progress": [Output(self.id("progress"), "value"), Output(self.id("progress"), "max"),
+                             Output(self.id("progress-label"), "children"), *extra_progress],
+                "interval": interval_ms, "prevent_initial_call": True}
+
     def register_stale_status_clearing(self, app: Dash) -> None:
         """A status belongs to its job: a switched chemical system drops the last job's "status" line and
         "progress-label", a cancel the progress label (the cancel record writes the status itself)."""

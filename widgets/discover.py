@@ -227,14 +227,7 @@ class DiscoverPanel(Widget):
             State(self.id("generators"), "value"),
             State(self.id("prescreen"), "value"),
             State(self.id("cancel"), "n_clicks"),
-            background=True,
-            running=[(Output(self.id("run"), "disabled"), True, False),
-                     (Output(self.id("cancel"), "disabled"), False, True),
-                     (Output(self.id("progress"), "style"), {"visibility": "visible"}, {"visibility": "hidden"})],
-            cancel=[Input(self.id("cancel"), "n_clicks")],
-            progress=[Output(self.id("progress"), "value"), Output(self.id("progress"), "max"),
-                      Output(self.id("progress-label"), "children"), Output(self.id("live"), "data")],
-            interval=interval, prevent_initial_call=True,
+            **self.background_job_options(interval, Output(self.id("live"), "data")),
         )
         def run_discover(set_progress, _clicks, session, chemistry, budget, samples, generators, prescreen,
                          cancel_clicks):

@@ -200,15 +200,7 @@ class GeneratePanel(Widget):
             State(self.id("stability"), "value"),
             State(self.id("charge-balanced"), "value"),
             State(self.id("cancel"), "n_clicks"),
-            background=True,
-            running=[(Output(self.id("run"), "disabled"), True, False),
-                     (Output(self.id("cancel"), "disabled"), False, True),
-                     (Output(self.id("progress"), "style"), {"visibility": "visible"}, {"visibility": "hidden"})],
-            cancel=[Input(self.id("cancel"), "n_clicks")],
-            progress=[Output(self.id("progress"), "value"), Output(self.id("progress"), "max"),
-                      Output(self.id("progress-label"), "children")],
-            interval=min(context.settings.progress_interval_ms, RESULT_POLL_MS),
-            prevent_initial_call=True,
+            **self.background_job_options(min(context.settings.progress_interval_ms, RESULT_POLL_MS)),
         )
         def generate(set_progress, _clicks, session, chemistry, symmetry, name, n, temperature, seed, option_values,
                      option_ids, stability, charge_balanced, cancel_clicks):

@@ -21,6 +21,7 @@ from wyckoff_lab.widgets.jobs import (
     cancel_check,
     hull_data,
     judge_relaxed,
+    phase_diagram,
     place_on_hull,
     unexpected,
 )
@@ -82,7 +83,7 @@ def discover_for_session(context, session: str, elements: list[str], budget_min:
         except Exception:  # noqa: BLE001 - core.discover records why a generator could not serve
             pass
     potential = _potential(context)
-    state = {"batch": None, "ids": {}, "hull": None, "hull_stored": False, "stored": 0}
+    state = {"batch": None, "ids": {}, "hull": None, "diagram": None, "hull_stored": False, "stored": 0}
 
     def ranked(_pool, order) -> None:
         candidates = [Candidate(structure=c.structure, generator=c.generator, conditions=plan.conditions,
@@ -114,8 +115,9 @@ def discover_for_session(context, session: str, elements: list[str], budget_min:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     state["hull"] = hull_data(context.hull_book().get(plan.elements))  # cached by the funnel
+                    state["diagram"] = phase_diagram(state["hull"])  # read back once, not per candidate
             fields.update(place_on_hull(state["hull"], Composition(c.structure.composition.reduced_formula),
-                                        c.result.energy_per_atom, c.result.potential_identity))
+                                        c.result.energy_per_atom, c.result.potential_identity, state["diagram"]))
         if state["hull"] is not None and not state["hull_stored"]:  # the Hull tab shows it from now on
             stored = state["hull_stored"] = context.sessions.store_hull(
                 session, state["hull"], {record_id: fields}, batch=state["batch"], unless=cancelled)
